@@ -1,0 +1,5 @@
+import sys
+
+from vmad.cli import main
+
+sys.exit(main())

@@ -1,0 +1,9 @@
+"""`vmad eval` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    subparsers.add_parser("eval", help="(not implemented yet)")
