@@ -1,9 +1,64 @@
-"""`vmad data` subcommands."""
+"""`vmad data` subcommands: ``inspect`` prints per-class counts of a dataset folder."""
 
 from __future__ import annotations
 
 import argparse
+import json
+
+from vmad.data.dataset import DATA_FORMATS, FORMAT_ALIASES, SPLIT_ORDER, DataOptions, load_dataset
+from vmad.data.folder import FolderConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    subparsers.add_parser("data", help="(not implemented yet)")
+    parser = subparsers.add_parser("data", help="inspect datasets")
+    actions = parser.add_subparsers(dest="data_command", metavar="ACTION")
+    inspect = actions.add_parser(
+        "inspect",
+        help="per-class counts of a dataset (format detected when unambiguous)",
+        description="Per-class counts of normal/anomalous images, masks and defect types. Reads file "
+        "headers (image/mask sizes are checked); --verify also decodes every image and mask.",
+    )
+    inspect.add_argument("path", help="dataset root or single class folder")
+    inspect.add_argument(
+        "--format", choices=sorted(DATA_FORMATS + tuple(FORMAT_ALIASES)), help="dataset layout"
+    )
+    inspect.add_argument("--split", choices=SPLIT_ORDER, help="count only this split")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--verify", action="store_true", help="fully decode every image and mask")
+    inspect.add_argument(
+        "--mask-name",
+        default=FolderConfig.mask_name,
+        help="folder format: mask file name template ({stem}, {name}, {suffix})",
+    )
+    inspect.set_defaults(func=_inspect)
+    parser.set_defaults(func=lambda args: _usage(parser))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    options = DataOptions(folder=FolderConfig(mask_name=args.mask_name))
+    dataset = load_dataset(args.path, args.format, options)
+    dataset.check(decode=args.verify, split=args.split)
+    counts = dataset.counts(split=args.split)
+    if args.json:
+        payload = {"format": dataset.format, "classes": {name: c.as_dict() for name, c in counts.items()}}
+        print(json.dumps(payload, indent=2))
+        return 0
+    split = args.split or f"all ({', '.join(dataset.splits())})"
+    print(f"format: {dataset.format}   root: {dataset.root}   split: {split}")
+    rows = [("class", "normal", "anomalous", "masks", "defect types")]
+    for name, c in counts.items():
+        types = ", ".join(f"{t} {n}" for t, n in sorted(c.defect_types.items())) or "-"
+        rows.append((name, str(c.normal), str(c.anomalous), str(c.masks), types))
+    if len(counts) > 1:
+        total = [sum(getattr(c, k) for c in counts.values()) for k in ("normal", "anomalous", "masks")]
+        rows.append(("total", *(str(v) for v in total), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [row[i].rjust(widths[i]) for i in range(1, 4)] + [row[4]]
+        print("  ".join(cells).rstrip())
+    return 0

@@ -29,6 +29,7 @@ class Sample:
     mask_path: Path | None = None
     mask_spec: str = "png"
     answers: dict[str, str] | None = field(default=None, compare=False, hash=False)
+    normal_description: str | None = field(default=None, compare=False, hash=False)
 
     @property
     def is_anomalous(self) -> bool:
