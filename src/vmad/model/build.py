@@ -1,0 +1,250 @@
+"""The one place that assembles VMAD presets (like segment-anything's ``build_sam``), DESIGN §3.
+
+- ``tiny``: random tiny ViT, LTC, random tiny Llama + in-code tokenizer, random conv backbone and a small
+  SAM-architecture decoder; deterministic for a given ``seed`` (so a saved checkpoint reloads exactly).
+- ``small``: EfficientNet-Lite0 (ImageNet weights) as vision encoder *and* visual backbone (shared), at
+  384x384: its stride-16 blocks form a 24x24 grid = 576 tokens, exactly the paper's CLIP-336 grid, so LTC with
+  rho = 2 yields the paper's 12x12 = 144 visual tokens (each token covers 32x32 px, the paper's 28x28 at
+  336 px) and the mask decoder sees a 24x24 embedding upsampled x4 to 96x96 before the final resize;
+  SmolLM2-135M-Instruct; SAM-architecture decoder + neck trained from scratch.
+- ``paper``: LLaVA-1.5-7B (CLIP ViT-L/14-336 + its language model) and SAM ViT-H from local Hugging Face
+  folders. ``random_weights`` builds the same shapes on the meta device (no download, no memory): for
+  summaries; pass ``on_meta=False`` to materialise random weights (e.g. for GPU timing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from vmad.errors import ConfigError
+from vmad.model.config import (
+    BackboneConfig,
+    LLMConfig,
+    MaskDecoderConfig,
+    SegHeadConfig,
+    VisionConfig,
+    VMADConfig,
+)
+from vmad.model.llm import (
+    DTYPES,
+    build_tiny_llm,
+    build_tiny_tokenizer,
+    causal_lm_from_llava,
+    check_local_folder,
+    llava_text_config,
+    load_smollm2,
+)
+from vmad.model.mask_decoder import FeatureNeck, PromptedMaskDecoder
+from vmad.model.projectors import ProjectorConfig, build_projector
+from vmad.model.seg_head import SegHead
+from vmad.model.vision import (
+    CLIPVisionEncoder,
+    EfficientNetVisionEncoder,
+    SamBackbone,
+    TinyConvBackbone,
+    TinyVisionEncoder,
+    clip_vit_l14_336_config,
+)
+from vmad.model.vmad import VMADModel
+
+PRESETS = ("tiny", "small", "paper")
+
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def preset_config(name: str) -> VMADConfig:
+    """The default configuration of a preset (``configs/<name>.yaml`` holds the same ``model:`` section)."""
+    if name == "tiny":
+        cfg = VMADConfig(
+            preset="tiny",
+            vision=VisionConfig(kind="tiny", image_size=64, width=32, layers=6, heads=4, patch=8),
+            projector=ProjectorConfig(kind="ltc", rho=2, n_levels=4, heads=4, points=2, local_blocks=1),
+            llm=LLMConfig(
+                kind="tiny",
+                template="paper",
+                hidden_size=64,
+                layers=2,
+                heads=4,
+                intermediate_size=128,
+                vocab_rows=1024,
+            ),
+            seg_head=SegHeadConfig(out_dim=32),
+            backbone=BackboneConfig(kind="tiny", image_size=64, width=32),
+            mask_decoder=MaskDecoderConfig(kind="scratch", dim=32, layers=1, heads=4, mlp_dim=64),
+        )
+    elif name == "small":
+        cfg = VMADConfig(
+            preset="small",
+            vision=VisionConfig(kind="efficientnet_lite0", image_size=384, n_levels=4),
+            projector=ProjectorConfig(kind="ltc", rho=2, n_levels=4),
+            llm=LLMConfig(kind="smollm2", template="chatml", system_prompt=SMOLLM2_SYSTEM),
+            seg_head=SegHeadConfig(out_dim=256),
+            backbone=BackboneConfig(kind="shared", image_size=384),
+            mask_decoder=MaskDecoderConfig(kind="scratch", dim=256, layers=2, heads=8, mlp_dim=2048),
+        )
+    elif name == "paper":
+        cfg = VMADConfig(
+            preset="paper",
+            vision=VisionConfig(kind="clip", image_size=336, n_levels=4, feature_layer=-2),
+            projector=ProjectorConfig(kind="ltc", rho=2, n_levels=4),
+            llm=LLMConfig(kind="llava", template="paper", dtype="bfloat16"),
+            seg_head=SegHeadConfig(out_dim=256),
+            backbone=BackboneConfig(kind="sam", image_size=1024),
+            mask_decoder=MaskDecoderConfig(kind="sam", dim=256, neck=False),
+        )
+    else:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {PRESETS}")
+    return cfg.validate()
+
+
+def _sam_vit_h_config() -> Any:
+    from transformers import SamConfig, SamVisionConfig
+
+    vision = SamVisionConfig(
+        hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, global_attn_indexes=[7, 15, 23, 31]
+    )
+    return SamConfig(vision_config=vision.to_dict())
+
+
+def _vision(cfg: VMADConfig, random_weights: bool, llava: Any) -> nn.Module:
+    v = cfg.vision
+    if v.kind == "tiny":
+        return TinyVisionEncoder(v)
+    if v.kind == "efficientnet_lite0":
+        from vmad.model.backbones import load_efficientnet_lite0
+
+        return EfficientNetVisionEncoder(
+            load_efficientnet_lite0(pretrained=v.pretrained and not random_weights), v
+        )
+    if llava is not None:
+        return CLIPVisionEncoder(llava.model.vision_tower, v)
+    from transformers import CLIPVisionModel
+
+    return CLIPVisionEncoder(CLIPVisionModel(clip_vit_l14_336_config()), v)
+
+
+def _llm(cfg: VMADConfig, random_weights: bool, llava: Any, llava_path: str | None) -> tuple[nn.Module, Any]:
+    lc = cfg.llm
+    if lc.kind == "tiny":
+        return build_tiny_llm(lc), build_tiny_tokenizer()
+    if random_weights:  # same shapes; the in-code tokenizer stands in (its ids fit in the padded vocabulary)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        if lc.kind == "smollm2":
+            shape = LlamaConfig(
+                vocab_size=49152,
+                hidden_size=576,
+                intermediate_size=1536,
+                num_hidden_layers=30,
+                num_attention_heads=9,
+                num_key_value_heads=3,
+                tie_word_embeddings=True,
+                max_position_embeddings=8192,
+            )
+        else:
+            shape = llava_text_config()
+        return LlamaForCausalLM(shape), build_tiny_tokenizer()
+    if lc.kind == "smollm2":
+        with torch.device("cpu"):
+            return load_smollm2(dtype=DTYPES[lc.dtype])
+    from transformers import AutoTokenizer
+
+    return causal_lm_from_llava(llava), AutoTokenizer.from_pretrained(llava_path, local_files_only=True)
+
+
+def _backbone_and_decoder(
+    cfg: VMADConfig, vision: nn.Module, random_weights: bool
+) -> tuple[nn.Module | None, nn.Module | None, nn.Module]:
+    b, d = cfg.backbone, cfg.mask_decoder
+    sam = None
+    if b.kind == "sam" or d.kind == "sam":
+        from transformers import SamModel
+
+        if random_weights:
+            sam = SamModel(_sam_vit_h_config())
+        else:
+            folder = check_local_folder(cfg.sam_path, "SAM ViT-H (e.g. facebook/sam-vit-huge)", "sam_path")
+            sam = SamModel.from_pretrained(folder, local_files_only=True, dtype=DTYPES[cfg.llm.dtype])
+    if b.kind == "tiny":
+        backbone: nn.Module | None = TinyConvBackbone(b)
+        channels = backbone.out_channels
+    elif b.kind == "shared":
+        backbone = None
+        channels = [*vision.level_dims, vision.out_dim]
+    else:
+        backbone = SamBackbone(sam.vision_encoder, b.image_size)
+        channels = backbone.out_channels
+    neck = FeatureNeck(channels, d.dim) if d.neck else None
+    if neck is None and channels[-1] != d.dim:
+        raise ConfigError(f"mask_decoder.neck=false needs a {d.dim}-channel backbone, got {channels}")
+    if d.kind == "sam":
+        decoder = PromptedMaskDecoder(
+            d,
+            decoder=sam.mask_decoder.float(),
+            pos_embed=sam.shared_image_embedding.float(),
+            no_mask_embed=sam.prompt_encoder.no_mask_embed.float(),
+        )
+        decoder.pos_embed.positional_embedding.requires_grad_(False)
+    else:
+        decoder = PromptedMaskDecoder(d)
+    return backbone, neck, decoder
+
+
+def build_vmad(
+    cfg: VMADConfig | str,
+    *,
+    llava_path: str | None = None,
+    sam_path: str | None = None,
+    random_weights: bool = False,
+    on_meta: bool | None = None,
+    device: str | torch.device | None = None,
+) -> VMADModel:
+    """Assemble a :class:`VMADModel` from a preset name or a config. Nothing is fetched from a hub.
+
+    ``random_weights``: no pretrained weights (small: random EfficientNet and a SmolLM2-shaped Llama; paper:
+    LLaVA-1.5-7B / SAM ViT-H shapes) with the in-code tokenizer; built on the meta device unless
+    ``on_meta=False``. The tiny preset is always random (seeded by ``cfg.seed``)."""
+    cfg = preset_config(cfg) if isinstance(cfg, str) else copy.deepcopy(cfg)
+    if llava_path is not None:
+        cfg.llava_path = str(llava_path)
+    if sam_path is not None:
+        cfg.sam_path = str(sam_path)
+    cfg.validate()
+    if cfg.seg_head.out_dim != cfg.mask_decoder.dim:
+        raise ConfigError(
+            f"seg_head.out_dim ({cfg.seg_head.out_dim}) must equal mask_decoder.dim ({cfg.mask_decoder.dim})"
+        )
+    random_weights = random_weights and cfg.preset != "tiny"
+    meta = random_weights if on_meta is None else (on_meta and random_weights)
+    llava = None
+    if not random_weights and (cfg.vision.kind == "clip" or cfg.llm.kind == "llava"):
+        from transformers import LlavaForConditionalGeneration
+
+        folder = check_local_folder(
+            cfg.llava_path, "LLaVA-1.5-7B (e.g. llava-hf/llava-1.5-7b-hf)", "llava_path"
+        )
+        llava = LlavaForConditionalGeneration.from_pretrained(
+            folder, local_files_only=True, dtype=DTYPES[cfg.llm.dtype]
+        )
+    ctx = torch.device("meta") if meta else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), ctx:
+        torch.manual_seed(cfg.seed)
+        vision = _vision(cfg, random_weights, llava)
+        llm, tokenizer = _llm(cfg, random_weights, llava, cfg.llava_path)
+        if cfg.llm.kind != "tiny" and not meta:
+            llm = llm.to(DTYPES[cfg.llm.dtype])
+        levels = vision.level_dims[len(vision.level_dims) - cfg.projector.n_levels :]
+        hidden = llm.get_input_embeddings().weight.shape[1]
+        projector = build_projector(cfg.projector, vision.out_dim, levels, hidden, vision.grid)
+        seg_head = SegHead(hidden, cfg.seg_head.out_dim, cfg.seg_head.hidden)
+        backbone, neck, decoder = _backbone_and_decoder(cfg, vision, random_weights)
+        model = VMADModel(cfg, vision, projector, llm, tokenizer, seg_head, backbone, neck, decoder)
+    if device is not None and not meta:
+        model.to(device)
+    model.eval()
+    return model

@@ -1,0 +1,291 @@
+"""VMAD model configuration: one dataclass per part (Sec. III-B, Eq. 1-7), assembled by :class:`VMADConfig`.
+
+Every value the paper leaves open is a field here, marked OURS in its docstring. ``configs/<preset>.yaml``
+holds the ``model:`` section written by :meth:`VMADConfig.to_dict` for each preset of
+:func:`vmad.model.build.preset_config`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from vmad.errors import ConfigError
+from vmad.model.projectors import ProjectorConfig
+
+VISION_KINDS = ("tiny", "efficientnet_lite0", "clip")
+LLM_KINDS = ("tiny", "smollm2", "llava")
+BACKBONE_KINDS = ("tiny", "shared", "sam")
+DECODER_KINDS = ("scratch", "sam")
+TEMPLATES = ("paper", "chatml")
+SEG_STATES = ("at_seg", "before_seg")
+SCORE_RULES = ("max_smoothed", "max", "mean_topk")
+
+
+def _check(value: Any, allowed: tuple[str, ...], name: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclass
+class VisionConfig:
+    """Frozen vision encoder F_I (Eq. 1): returns its feature layer and the ``n_levels`` layers before it.
+
+    Attributes:
+        kind: ``tiny`` (random ViT), ``efficientnet_lite0`` (small preset), ``clip`` (CLIP ViT-L/14-336 of
+            LLaVA).
+        image_size: square input side the encoder sees (images are resized to it).
+        n_levels: earlier levels returned for LTC's multi-level integration (paper n = 4, Eq. 21).
+        feature_layer: hidden-state index used as the last layer (LLaVA: -2, CLS dropped).
+        pretrained: load real weights (efficientnet_lite0); ignored for tiny.
+        width, layers, heads, patch: tiny encoder shape.
+    """
+
+    kind: str = "tiny"
+    image_size: int = 64
+    n_levels: int = 4
+    feature_layer: int = -2
+    pretrained: bool = True
+    width: int = 32
+    layers: int = 6
+    heads: int = 4
+    patch: int = 8
+
+    def validate(self) -> None:
+        _check(self.kind, VISION_KINDS, "vision.kind")
+        if self.image_size < 16:
+            raise ConfigError(f"vision.image_size must be >= 16, got {self.image_size}")
+
+
+@dataclass
+class LLMConfig:
+    """Causal LLM Θ (Eq. 3) and its prompt layout.
+
+    Attributes:
+        kind: ``tiny`` (random Llama), ``smollm2`` (SmolLM2-135M-Instruct), ``llava`` (LLaVA-1.5-7B's LM).
+        template: ``paper`` = "<system> USER: <image>\\n{question} ASSISTANT: {answer}</s>" (Sec. V-A.2,
+            LLaVA v1) or ``chatml`` = the SmolLM2 tokenizer's own chat template (OURS for small: keeps its
+            instruction tuning).
+        system_prompt: text before the first turn (OURS; LLaVA v1's system line for ``paper``).
+        seg_token / image_token: the added tokens; their ids are looked up with ``convert_tokens_to_ids``.
+        seg_state: OURS. Which last-layer hidden state feeds Γ: ``at_seg`` = the state at the ``<seg>``
+            position (default), ``before_seg`` = the state that predicts ``<seg>`` (LISA). Same rule in
+            training and inference.
+        seg_answer: the segmentation-only answer used by the fast path (Sec. V-A.2 template).
+        dtype: weight dtype of the LLM.
+        hidden_size, layers, heads, intermediate_size, vocab_rows: tiny LLM shape (vocab_rows > tokenizer
+            length, a padded vocabulary, so the no-shrink rule is exercised).
+    """
+
+    kind: str = "tiny"
+    template: str = "paper"
+    system_prompt: str = (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    )
+    seg_token: str = "<seg>"
+    image_token: str = "<image>"
+    seg_state: str = "at_seg"
+    seg_answer: str = "It is <seg>."
+    dtype: str = "float32"
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    intermediate_size: int = 128
+    vocab_rows: int = 1024
+
+    def validate(self) -> None:
+        _check(self.kind, LLM_KINDS, "llm.kind")
+        _check(self.template, TEMPLATES, "llm.template")
+        _check(self.seg_state, SEG_STATES, "llm.seg_state")
+        _check(self.dtype, ("float32", "bfloat16", "float16"), "llm.dtype")
+        if self.seg_token not in self.seg_answer:
+            raise ConfigError(f"llm.seg_answer {self.seg_answer!r} must contain {self.seg_token!r}")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA on the LLM (PEFT). r = 8 from the paper; alpha, dropout and targets are OURS (LISA's)."""
+
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"lora.r must be >= 1, got {self.r}")
+
+
+@dataclass
+class SegHeadConfig:
+    """Γ of Eq. 4: Linear-ReLU-Linear from the LLM width to the decoder's prompt width (256 in the paper).
+
+    ``hidden`` None = the LLM width (OURS, LISA's text_hidden_fcs)."""
+
+    out_dim: int = 256
+    hidden: int | None = None
+
+
+@dataclass
+class BackboneConfig:
+    """Frozen visual backbone V_backbone of Eq. 4.
+
+    Attributes:
+        kind: ``tiny`` (random conv net), ``shared`` (reuse the vision encoder's features: small preset,
+            EfficientNet-Lite0 stride-16 blocks), ``sam`` (SAM ViT-H image encoder, paper).
+        image_size: square input side of the backbone (SAM: 1024; OURS: images are resized, not padded).
+        width: tiny backbone width.
+    """
+
+    kind: str = "tiny"
+    image_size: int = 64
+    width: int = 32
+
+    def validate(self) -> None:
+        _check(self.kind, BACKBONE_KINDS, "backbone.kind")
+
+
+@dataclass
+class MaskDecoderConfig:
+    """M_decoder of Eq. 5: SAM's two-way-transformer mask decoder, prompted by H_seg as one sparse token.
+
+    Attributes:
+        kind: ``scratch`` (random SAM-architecture decoder) or ``sam`` (SAM ViT-H's decoder weights).
+        dim: prompt / image-embedding width (SAM: 256).
+        layers, heads, mlp_dim: two-way transformer shape (SAM: 2, 8, 2048).
+        neck: map backbone features to ``dim`` channels (conv1x1-LN-conv3x3-LN as SAM's neck); needed unless
+            the backbone already outputs ``dim`` channels (SAM).
+    """
+
+    kind: str = "scratch"
+    dim: int = 256
+    layers: int = 2
+    heads: int = 8
+    mlp_dim: int = 2048
+    neck: bool = True
+
+    def validate(self) -> None:
+        _check(self.kind, DECODER_KINDS, "mask_decoder.kind")
+        if self.dim % 8 or self.dim % self.heads:
+            raise ConfigError(f"mask_decoder.dim must be divisible by 8 and by heads, got {self.dim}")
+
+
+@dataclass
+class LossConfig:
+    """Loss weights of Eq. 6-7: λ_txt = 1, λ_bce = 2, λ_dice = 0.5 (OURS, LISA's), λ_seg = 1.
+    ``pbsd`` is λ_pbsd for DSSL's L_pbsd (Eq. 17; next issue, OURS value), 0 until DSSL exists.
+    ``extra`` weights any other auxiliary loss named ``loss_<name>`` (default weight 1)."""
+
+    txt: float = 1.0
+    seg: float = 1.0
+    bce: float = 2.0
+    dice: float = 0.5
+    pbsd: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def weight(self, name: str) -> float:
+        """Weight of an auxiliary loss ``loss_<name>``."""
+        if name == "pbsd":
+            return self.pbsd
+        return float(self.extra.get(name, 1.0))
+
+
+@dataclass
+class ScoreConfig:
+    """Image-level anomaly score from the mask probability map (OURS, Table I).
+
+    ``max_smoothed`` (default): max of the map after a Gaussian blur of ``sigma`` pixels at the input size;
+    ``max``: plain max; ``mean_topk``: mean of the top ``topk_ratio`` fraction of pixels."""
+
+    rule: str = "max_smoothed"
+    sigma: float = 4.0
+    topk_ratio: float = 0.01
+
+    def validate(self) -> None:
+        _check(self.rule, SCORE_RULES, "score.rule")
+
+
+@dataclass
+class VMADConfig:
+    """The whole model. ``llava_path`` / ``sam_path``: local Hugging Face folders for the paper preset."""
+
+    preset: str = "tiny"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    seg_head: SegHeadConfig = field(default_factory=SegHeadConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    llava_path: str | None = None
+    sam_path: str | None = None
+    seed: int = 0
+
+    def validate(self) -> VMADConfig:
+        for part in (self.vision, self.llm, self.lora, self.backbone, self.mask_decoder, self.score):
+            part.validate()
+        self.projector.validate()
+        if self.projector.n_levels > self.vision.n_levels:
+            raise ConfigError(
+                f"projector.n_levels={self.projector.n_levels} exceeds vision.n_levels={self.vision.n_levels}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VMADConfig:
+        parts = {
+            "vision": VisionConfig,
+            "projector": ProjectorConfig,
+            "llm": LLMConfig,
+            "lora": LoRAConfig,
+            "seg_head": SegHeadConfig,
+            "backbone": BackboneConfig,
+            "mask_decoder": MaskDecoderConfig,
+            "loss": LossConfig,
+            "score": ScoreConfig,
+        }
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {unknown}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in parts:
+                kwargs[key] = _part(parts[key], value or {}, key)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs).validate()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> VMADConfig:
+        """Read the ``model:`` section of a YAML file (or the whole file when it has none)."""
+        import yaml
+
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping")
+        return cls.from_dict(data.get("model", data))
+
+
+def _part(cls: type, data: Any, name: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"model.{name} must be a mapping, got {type(data).__name__}")
+    if hasattr(cls, "from_dict"):
+        return cls.from_dict(data)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown model.{name} keys: {unknown}")
+    return cls(**dict(data))
