@@ -1,0 +1,438 @@
+"""Write a RIAD-format dataset (docs/riad_format.md; paper Sec. IV) from any dataset the readers support.
+
+Output, per source class: the source's normal images; its anomalous images with their masks as COCO RLE
+(one annotation per 8-connected region and defect category, box from the region); and K synthetic defects
+(:mod:`vmad.data.synth`) on each used normal image. Every image gets the three answers (description,
+impact, suggestion) from :mod:`vmad.data.text` (normal images: "no defect found", OURS), kept from the
+source when it is RIAD. Each class gets a templated normal description. The source split of each image is
+kept (synthetic images take their normal image's split).
+
+Category ids are the fixed table :data:`vmad.data.text.DEFECT_CATEGORIES` (15 types, OURS): every
+annotations file lists all 15. Semantic sources keep their per-pixel types (NEU-Seg class ids, RIAD
+categories); a binary mask gets the category of its image's defect type. ``defect_type`` of an image is
+the source's name (e.g. ``Blowhole``) or ``synthetic_<kind>``, so counts keep real and synthetic apart.
+
+File names: ``images/source/<path in the source>`` (bytes copied for PNG / JPEG, else re-encoded as PNG)
+and ``images/synthetic/<path without suffix>_s<k>_<kind>.png``. Extra image fields ``source`` and
+``synthetic`` ({kind, base}) record where an image came from; the reader ignores them.
+
+Deterministic: every random choice comes from an RNG seeded by (seed, class, image path, purpose), so the
+output bytes depend only on the source, the options and the seed. Written atomically: built in
+``<out>.tmp-XXXX`` beside ``<out>``, then renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+from vmad.data.dataset import SPLIT_ORDER, AnomalyDataset, DataOptions, load_dataset
+from vmad.data.io import image_shape, open_image, read_image, read_mask
+from vmad.data.presets import NEU_CLASS_NAMES
+from vmad.data.records import Sample
+from vmad.data.riad import FORMAT_VERSION, MANIFEST, annotations_file, load_coco, rle_encode, semantic_mask
+from vmad.data.synth import SynthConfig, is_grey, synthesize
+from vmad.data.text import (
+    CATEGORIES_BY_NAME,
+    DEFECT_CATEGORIES,
+    SYNTHETIC_CATEGORY,
+    SYNTHETIC_PREFIX,
+    DefectCategory,
+    TextConfig,
+    canonical_category,
+    defect_answers,
+    normal_answers,
+    normal_description,
+)
+from vmad.errors import ConfigError, DataError
+
+COPY_SUFFIXES = (".png", ".jpg", ".jpeg")
+_EIGHT = np.ones((3, 3), dtype=int)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Options of ``vmad data build-riad``. ``max_images``: cap on source images per class (None = all);
+    ``split``: the one source split to use (None = all present); ``format``: source layout (None =
+    detect)."""
+
+    synthetic_per_normal: int = 1
+    max_images: int | None = None
+    seed: int = 0
+    split: str | None = None
+    format: str | None = None
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def __post_init__(self) -> None:
+        if self.synthetic_per_normal < 0:
+            raise ConfigError(f"--synthetic-per-normal must be >= 0, got {self.synthetic_per_normal}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ConfigError(f"--max-images must be >= 1, got {self.max_images}")
+        if self.split is not None and self.split not in SPLIT_ORDER:
+            raise ConfigError(f"--split must be one of {', '.join(SPLIT_ORDER)}, got {self.split!r}")
+
+
+@dataclass
+class ClassSummary:
+    normal: int = 0
+    anomalous: int = 0
+    synthetic: int = 0
+    splits: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class BuildSummary:
+    """What was written: per class, normal / real anomalous / synthetic image counts and images per split."""
+
+    out: Path
+    source_format: str
+    classes: dict[str, ClassSummary]
+
+    def lines(self) -> list[str]:
+        out = [f"wrote {self.out} (RIAD format v{FORMAT_VERSION}, from a {self.source_format} dataset)"]
+        for name, c in self.classes.items():
+            splits = ", ".join(f"{s} {n}" for s, n in c.splits.items())
+            out.append(
+                f"  {name}: {c.normal} normal, {c.anomalous} real anomalous, {c.synthetic} synthetic "
+                f"({splits})"
+            )
+        return out
+
+
+@dataclass
+class _Entry:
+    """One output image: its split, file name, extra COCO image fields and annotations (no ids yet)."""
+
+    split: str
+    file_name: str
+    width: int
+    height: int
+    fields: dict
+    annotations: list[dict]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def seeded_rng(seed: int, *parts: object) -> np.random.Generator:
+    """An RNG that depends only on ``seed`` and ``parts`` (not on processing order)."""
+    digest = hashlib.sha256("\x1f".join([str(seed), *map(str, parts)]).encode()).digest()
+    return np.random.default_rng([int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)])
+
+
+def _hash_key(seed: int, rel: str) -> bytes:
+    return hashlib.sha256(f"{seed}\x1f{rel}".encode()).digest()
+
+
+def _rel(sample: Sample, root: Path) -> PurePosixPath:
+    """The sample's image path inside the source class (the class folder's name dropped)."""
+    try:
+        rel = PurePosixPath(sample.image_path.relative_to(root).as_posix())
+    except ValueError:
+        digest = hashlib.sha256(str(sample.image_path).encode()).hexdigest()[:12]
+        return PurePosixPath(digest, sample.image_path.name)
+    if len(rel.parts) > 1 and rel.parts[0] == sample.class_name and root.name != sample.class_name:
+        rel = PurePosixPath(*rel.parts[1:])
+    return rel
+
+
+def select_samples(samples: list[Sample], max_images: int | None, seed: int, root: Path) -> list[Sample]:
+    """At most ``max_images`` samples of one class, chosen deterministically by a seeded hash of the file
+    path: normal and anomalous in the source's proportion (at least one of each when both exist), the
+    anomalous ones spread round-robin over the defect types."""
+    if max_images is None or len(samples) <= max_images:
+        return list(samples)
+
+    def order(group: Iterable[Sample]) -> list[Sample]:
+        return sorted(group, key=lambda s: _hash_key(seed, str(_rel(s, root))))
+
+    normal = order(s for s in samples if not s.is_anomalous)
+    by_type: dict[str, list[Sample]] = {}
+    for s in samples:
+        if s.is_anomalous:
+            by_type.setdefault(s.defect_type, []).append(s)
+    n_anom_total = len(samples) - len(normal)
+    n_anom = round(max_images * n_anom_total / len(samples))
+    if normal and n_anom_total and max_images >= 2:
+        n_anom = min(max(n_anom, 1), max_images - 1)
+    n_anom = min(n_anom, n_anom_total, max_images)
+    n_norm = min(len(normal), max_images - n_anom)
+    n_anom = min(n_anom_total, max_images - n_norm)
+    queues = [order(by_type[t]) for t in sorted(by_type)]
+    anomalous: list[Sample] = []
+    while len(anomalous) < n_anom:
+        for q in queues:
+            if q and len(anomalous) < n_anom:
+                anomalous.append(q.pop(0))
+    return normal[:n_norm] + anomalous
+
+
+def _regions(sample: Sample, fmt: str) -> tuple[np.ndarray, list[tuple[DefectCategory, np.ndarray]]]:
+    """The union mask of an anomalous sample and its regions per defect category (ascending id)."""
+    binary = read_mask(sample)
+    per_category: dict[int, np.ndarray] = {}
+
+    def add(category: DefectCategory, region: np.ndarray) -> None:
+        if region.any():
+            per_category[category.id] = per_category.get(category.id, np.zeros_like(region)) | region
+
+    if fmt == "riad" and sample.mask_path is not None:
+        ids = semantic_mask(sample)
+        names = load_coco(sample.mask_path).categories
+        for i in np.unique(ids[ids != 0]).tolist():
+            add(canonical_category(names[int(i)]), ids == i)
+    elif fmt == "neu_seg" and sample.mask_path is not None:
+        raw = np.asarray(open_image(sample.mask_path))
+        raw = raw[..., :3].max(axis=2) if raw.ndim == 3 else raw
+        for i in np.unique(raw[raw != 0]).tolist():
+            add(canonical_category(NEU_CLASS_NAMES.get(int(i), sample.defect_type)), raw == i)
+    else:
+        add(canonical_category(sample.defect_type), binary)
+    by_id = {c.id: c for c in DEFECT_CATEGORIES}
+    return binary, [(by_id[i], per_category[i]) for i in sorted(per_category)]
+
+
+def _annotations(regions: list[tuple[DefectCategory, np.ndarray]]) -> list[dict]:
+    """One COCO annotation (RLE, box, area) per 8-connected region of each category."""
+    out = []
+    for category, region in regions:
+        labels, count = ndimage.label(region, structure=_EIGHT)
+        boxes = ndimage.find_objects(labels)
+        for i in range(1, count + 1):
+            component = labels == i
+            ys, xs = boxes[i - 1]
+            out.append(
+                {
+                    "category_id": category.id,
+                    "iscrowd": 0,
+                    "segmentation": rle_encode(component),
+                    "bbox": [xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start],
+                    "area": int(component.sum()),
+                }
+            )
+    return out
+
+
+def _primary(regions: list[tuple[DefectCategory, np.ndarray]], defect_type: str) -> DefectCategory:
+    if not regions:
+        return canonical_category(defect_type)
+    return max(regions, key=lambda r: int(r[1].sum()))[0]
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[..., 0] if is_grey(image) else image).save(path, format="PNG")
+
+
+# ------------------------------------------------------------------------------------------- entries
+
+
+def _source_entry(sample: Sample, fmt: str, root: Path, class_dir: Path, cfg: BuildConfig) -> _Entry:
+    rel = _rel(sample, root)
+    if rel.suffix.lower() in COPY_SUFFIXES:
+        file_name = str(PurePosixPath("images", "source", rel))
+        (class_dir / file_name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample.image_path, class_dir / file_name)
+    else:
+        file_name = str(PurePosixPath("images", "source", rel.with_suffix(".png")))
+        _save_png(read_image(sample.image_path), class_dir / file_name)
+    height, width = image_shape(sample.image_path)
+    fields: dict = {"source": str(rel)}
+    if not sample.is_anomalous:
+        fields.update(label="normal", answers=sample.answers or normal_answers(sample.class_name))
+        return _Entry(sample.split, file_name, width, height, fields, [])
+    binary, regions = _regions(sample, fmt)
+    answers = sample.answers or defect_answers(
+        sample.defect_type,
+        binary,
+        sample.class_name,
+        seeded_rng(cfg.seed, sample.class_name, rel, "text"),
+        cfg.text,
+        category=_primary(regions, sample.defect_type),
+    )
+    fields.update(label="anomalous", defect_type=sample.defect_type, answers=answers)
+    return _Entry(sample.split, file_name, width, height, fields, _annotations(regions))
+
+
+def _synthetic_entries(
+    sample: Sample, base_name: str, root: Path, class_dir: Path, cfg: BuildConfig, kinds: list[str]
+) -> list[_Entry]:
+    rel = _rel(sample, root)
+    image = read_image(sample.image_path)
+    entries = []
+    for k, kind in enumerate(kinds):
+        defect = synthesize(
+            image, seeded_rng(cfg.seed, sample.class_name, rel, "synthetic", k), kind, cfg.synth
+        )
+        file_name = str(PurePosixPath("images", "synthetic", f"{rel.with_suffix('')}_s{k}_{kind}.png"))
+        _save_png(defect.image, class_dir / file_name)
+        defect_type = f"{SYNTHETIC_PREFIX}{kind}"
+        category = CATEGORIES_BY_NAME[SYNTHETIC_CATEGORY[kind]]
+        answers = defect_answers(
+            defect_type,
+            defect.mask,
+            sample.class_name,
+            seeded_rng(cfg.seed, sample.class_name, rel, "synthetic-text", k),
+            cfg.text,
+            category=category,
+        )
+        fields = {
+            "label": "anomalous",
+            "defect_type": defect_type,
+            "answers": answers,
+            "source": str(rel),
+            "synthetic": {"kind": kind, "base": base_name},
+        }
+        h, w = defect.mask.shape
+        entries.append(_Entry(sample.split, file_name, w, h, fields, _annotations([(category, defect.mask)])))
+    return entries
+
+
+def _coco(entries: list[_Entry]) -> dict:
+    images, annotations = [], []
+    for image_id, e in enumerate(sorted(entries, key=lambda e: e.file_name), start=1):
+        images.append(
+            {"id": image_id, "file_name": e.file_name, "width": e.width, "height": e.height, **e.fields}
+        )
+        for ann in e.annotations:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
+    categories = [{"id": c.id, "name": c.name} for c in DEFECT_CATEGORIES]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# -------------------------------------------------------------------------------------------- driver
+
+
+def _check_out(out: Path, source: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(out, "exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(out, "folder exists and is not empty (pass --overwrite to replace it)")
+    src, dst = source.resolve(), out.resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise DataError(out, f"output folder overlaps the source {source}")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    if out.is_dir():
+        old = tmp.with_name(tmp.name + ".old")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
+
+
+def _class_kinds(cfg: BuildConfig, class_name: str) -> list[str]:
+    kinds = list(cfg.synth.kinds)
+    seeded_rng(cfg.seed, class_name, "kinds").shuffle(kinds)
+    return kinds
+
+
+def build_riad(
+    source: str | Path,
+    out: str | Path,
+    cfg: BuildConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    options: DataOptions | None = None,
+) -> BuildSummary:
+    """Read ``source`` (any supported layout), write a RIAD dataset to ``out`` and return what it holds.
+    A non-empty ``out`` is refused unless ``overwrite``; a failure leaves ``out`` untouched."""
+    cfg = cfg or BuildConfig()
+    source, out = Path(source), Path(out)
+    _check_out(out, source, overwrite)
+    dataset: AnomalyDataset = load_dataset(source, cfg.format, options)
+    if cfg.split is not None and cfg.split not in dataset.splits():
+        raise DataError(source, f"no {cfg.split} split (splits: {', '.join(dataset.splits())})")
+    chosen = {
+        name: select_samples(dataset.select(name, cfg.split), cfg.max_images, cfg.seed, dataset.root)
+        for name in dataset.class_names()
+    }
+    chosen = {name: samples for name, samples in chosen.items() if samples}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        summary = _build(dataset, chosen, tmp, cfg, progress)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary.out = out
+    return summary
+
+
+def _build(
+    dataset: AnomalyDataset, chosen: dict[str, list[Sample]], tmp: Path, cfg: BuildConfig, progress: bool
+) -> BuildSummary:
+    manifest_classes: dict[str, dict] = {}
+    summary = BuildSummary(tmp, dataset.format, {})
+    bar = tqdm(
+        total=sum(len(s) for s in chosen.values()), desc="build-riad", unit="img", disable=not progress
+    )
+    with bar:
+        for name, samples in chosen.items():
+            class_dir = tmp / name
+            kinds = _class_kinds(cfg, name)
+            entries: list[_Entry] = []
+            c = ClassSummary()
+            n_synth = 0
+            for sample in sorted(samples, key=lambda s: str(_rel(s, dataset.root))):
+                entry = _source_entry(sample, dataset.format, dataset.root, class_dir, cfg)
+                entries.append(entry)
+                if sample.is_anomalous:
+                    c.anomalous += 1
+                else:
+                    c.normal += 1
+                    ks = [kinds[(n_synth + k) % len(kinds)] for k in range(cfg.synthetic_per_normal)]
+                    n_synth += len(ks)
+                    entries += _synthetic_entries(sample, entry.file_name, dataset.root, class_dir, cfg, ks)
+                bar.update(1)
+            c.synthetic = n_synth
+            for split in SPLIT_ORDER:
+                in_split = [e for e in entries if e.split == split]
+                if in_split:
+                    c.splits[split] = len(in_split)
+                    _write_json(annotations_file(class_dir, split), _coco(in_split))
+            description = next((s.normal_description for s in samples if s.normal_description), None)
+            manifest_classes[name] = {
+                "normal_description": description
+                or normal_description(name, seeded_rng(cfg.seed, name, "normal"))
+            }
+            summary.classes[name] = c
+    manifest = {
+        "format": "riad",
+        "version": FORMAT_VERSION,
+        "classes": manifest_classes,
+        "builder": {
+            "source_format": dataset.format,
+            "seed": cfg.seed,
+            "synthetic_per_normal": cfg.synthetic_per_normal,
+            "max_images": cfg.max_images,
+            "split": cfg.split,
+            "synthetic_kinds": list(cfg.synth.kinds),
+        },
+    }
+    if isinstance(dataset.meta.get("protocols"), dict):
+        manifest["protocols"] = dataset.meta["protocols"]
+    _write_json(tmp / MANIFEST, manifest)
+    return summary
