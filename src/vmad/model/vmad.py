@@ -287,14 +287,18 @@ class VMADModel(nn.Module):
             first = first - 1
         return torch.where(hit.any(1), first, torch.full_like(first, -1))
 
+    def backbone_maps(self, images: Tensor, last: Tensor, levels: Sequence[Tensor]) -> list[Tensor]:
+        """The frozen V_backbone feature maps ``[B, C_i, h, w]`` (or the shared encoder's tokens as maps),
+        before the neck; also f of DSSL (Eq. 8-9)."""
+        if self.visual_backbone is None:
+            return tokens_to_maps(last.float(), [lv.float() for lv in levels], self.vision_encoder.grid)
+        with torch.no_grad():
+            return self.visual_backbone(images)
+
     def image_embeddings(self, images: Tensor, last: Tensor, levels: Sequence[Tensor]) -> Tensor:
         """f of Eq. 4 (frozen backbone, or the shared encoder maps) through the trained neck:
         ``[B, 256, h, w]``."""
-        if self.visual_backbone is None:
-            maps = tokens_to_maps(last.float(), [lv.float() for lv in levels], self.vision_encoder.grid)
-        else:
-            with torch.no_grad():
-                maps = self.visual_backbone(images)
+        maps = self.backbone_maps(images, last, levels)
         if self.neck is None:
             return maps[-1].float()
         return self.neck([m.float() for m in maps])
