@@ -11,7 +11,7 @@ from vmad import __version__
 from vmad.errors import VMADError
 
 # Subcommand modules under vmad.cli; each defines register(subparsers) and sets a `func` default.
-SUBCOMMANDS: tuple[str, ...] = ("data", "eval", "model")
+SUBCOMMANDS: tuple[str, ...] = ("data", "detect", "eval", "model", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

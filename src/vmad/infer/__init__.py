@@ -1,0 +1,28 @@
+"""Inference: :class:`Detector` (detect, chat), the ``vmad eval --model`` scorer, overlays and PNG output."""
+
+from vmad.infer.detector import (
+    ChatTurn,
+    Detection,
+    Detector,
+    DetectorConfig,
+    VMADScorer,
+    build_scorer,
+    packaged_weights_dir,
+    resolve_model_path,
+)
+from vmad.infer.render import heat_colors, mask_contour, overlay, save_png
+
+__all__ = [
+    "ChatTurn",
+    "Detection",
+    "Detector",
+    "DetectorConfig",
+    "VMADScorer",
+    "build_scorer",
+    "heat_colors",
+    "mask_contour",
+    "overlay",
+    "packaged_weights_dir",
+    "resolve_model_path",
+    "save_png",
+]

@@ -1,0 +1,411 @@
+"""The user-facing inference API: :class:`Detector` (detect, chat) and :func:`build_scorer` for ``vmad eval``.
+
+An image travels ``Detector -> VMADModel.segment / generate`` (Eq. 1-5) and comes back as a
+:class:`Detection`: the mask probability map at the input size, the binary mask, the image score and, in
+answer mode, the generated text. The model is loaded once per :class:`Detector`.
+
+Rules (OURS unless stated; every value is a :class:`DetectorConfig` field):
+
+- Questions. Segmentation-only mode asks the paper's segmentation-only template (Sec. V-A.2) with the object
+  name filled in (``class_name`` with ``_``/``-`` as spaces); with no class name the object is called
+  ``"object"`` (``default_object``). Answer mode's default question is the paper's segmentation + answer
+  template with query type ``answer_query`` ("description"), so the answer speaks of the image.
+- Segmentation-only mode is the fast path: one teacher-forced forward (``VMADModel.segment``).
+- Answer mode runs ``VMADModel.generate`` (greedy). When the generated answer holds ``<seg>``, the mask comes
+  from that ``<seg>`` state (``mask_from == "answer"``); when it does not, the mask and score come from the
+  segment path asked the segmentation-only question for the same object (``mask_from == "segment"``), so
+  every Detection has a mask.
+- Binary mask: ``probability > threshold`` (default 0.5, i.e. mask logit > 0).
+- Image score: the model's own rule (``model.config.score``, default max of the Gaussian-smoothed
+  probability map at the input size).
+- Batching: images are processed ``batch_size`` at a time; within a batch, images of the same size share one
+  forward (different sizes run separately, so results equal one-by-one processing).
+- Chat: the model's prompt builder takes one user turn, so earlier turns are written into the question text in
+  the template's own multi-turn markup (LLaVA v1 ``... ASSISTANT: a</s>USER: q``, or ChatML), which gives the
+  template's real multi-turn layout with the image in the first user turn.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vmad.data.io import read_image, to_rgb_array
+from vmad.data.prompts import QUERY_TYPES, SEG_ANSWER_QUESTION, SEG_QUESTION
+from vmad.data.text import object_name
+from vmad.errors import ConfigError, VMADError
+from vmad.eval.scorer import ScoreOutput
+from vmad.model.vmad import CONFIG_NAME, WEIGHTS_NAME, VMADModel
+
+ImageInput = str | Path | np.ndarray | Image.Image | torch.Tensor
+PACKAGED_MODELS: dict[str, str] = {"small": "weights/small"}
+SCORE_RULE_TEXT = {
+    "max_smoothed": "max of the mask probability map after a Gaussian blur of sigma pixels (input size)",
+    "max": "max of the mask probability map",
+    "mean_topk": "mean of the top topk_ratio fraction of mask probabilities",
+}
+
+
+@dataclass
+class DetectorConfig:
+    """Inference settings (all OURS).
+
+    Attributes:
+        threshold: binary mask = probability > threshold.
+        batch_size: images per forward when detecting lists / folders.
+        max_new_tokens: answer-mode generation length.
+        answer_query: query type of the default answer-mode question (one of ``QUERY_TYPES``).
+        default_object: object name used in the default questions when no class name is given.
+        device: ``auto`` (CUDA when available, else CPU), or a torch device string.
+    """
+
+    threshold: float = 0.5
+    batch_size: int = 4
+    max_new_tokens: int = 96
+    answer_query: str = "description"
+    default_object: str = "object"
+    device: str = "auto"
+
+    def validate(self) -> DetectorConfig:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.answer_query not in QUERY_TYPES:
+            raise ConfigError(
+                f"answer_query must be one of {', '.join(QUERY_TYPES)}, got {self.answer_query!r}"
+            )
+        if not self.default_object.strip():
+            raise ConfigError("default_object must not be empty")
+        return self
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.device)
+        except RuntimeError as exc:
+            raise ConfigError(f"device {self.device!r}: {exc}") from None
+
+
+@dataclass
+class Detection:
+    """One image's result. ``mask`` (H, W) bool and ``probability_map`` (H, W) float32 are at the input
+    image's size; ``answer`` is the generated text (None in segmentation-only mode); ``source`` the image
+    file (None for arrays); ``mask_from``: ``"segment"`` or ``"answer"`` (see the module rules)."""
+
+    anomaly_score: float
+    mask: np.ndarray
+    probability_map: np.ndarray
+    answer: str | None = None
+    source: str | None = None
+    question: str = ""
+    mask_from: str = "segment"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the input image."""
+        return tuple(self.mask.shape)  # type: ignore[return-value]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready fields (no arrays)."""
+        return {
+            "source": self.source,
+            "score": float(self.anomaly_score),
+            "height": int(self.mask.shape[0]),
+            "width": int(self.mask.shape[1]),
+            "mask_pixels": int(self.mask.sum()),
+            "mask_from": self.mask_from,
+            "question": self.question,
+            "answer": self.answer,
+        }
+
+
+@dataclass
+class ChatTurn:
+    """One chat turn: the user's question, the model's answer, its Detection, and the history to pass to the
+    next :meth:`Detector.chat` call (earlier turns + this one)."""
+
+    question: str
+    answer: str
+    detection: Detection
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ model paths
+
+
+def packaged_weights_dir(name: str = "small") -> Path:
+    """Where the packaged weights of ``name`` live inside the installed package (may not exist)."""
+    return Path(str(importlib.resources.files("vmad").joinpath(PACKAGED_MODELS[name])))
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """``"small"`` -> the packaged weights folder; anything else is a folder written by
+    ``VMADModel.save_trainable`` (training's ``final/``; a folder literally named ``small`` is ``./small``).
+    A clear VMADError when the files are missing."""
+    if isinstance(model, str) and model in PACKAGED_MODELS:
+        folder = packaged_weights_dir(model)
+        if not ((folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()):
+            raise VMADError(
+                f"the packaged {model!r} weights are not installed ({folder} has no {CONFIG_NAME} + "
+                f"{WEIGHTS_NAME}); pass a trained checkpoint folder instead (--model PATH)"
+            )
+        return folder
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        raise VMADError(f"{folder}: no such model folder (expected 'small' or a checkpoint folder)")
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
+    if missing:
+        raise VMADError(f"{folder}: not a VMAD checkpoint folder (missing {', '.join(missing)})")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def _as_tensor(image: ImageInput) -> tuple[torch.Tensor, str | None]:
+    """Any accepted input -> ``([3, H, W] float in [0, 1], source path or None)``.
+
+    Paths are read with :func:`vmad.data.read_image`; arrays are (H, W, 3|4) or (H, W) uint8 (float arrays
+    are taken as [0, 1]); tensors are ``[3, H, W]`` in [0, 1]."""
+    source = None
+    if isinstance(image, (str, Path)):
+        source = str(image)
+        image = read_image(image)
+    elif isinstance(image, Image.Image):
+        image = to_rgb_array(image)
+    if isinstance(image, torch.Tensor):
+        t = image.detach().float()
+        if t.dim() == 2:
+            t = t[None]
+        if t.dim() != 3 or t.shape[0] not in (1, 3):
+            raise VMADError(f"image tensor must be [3, H, W] in [0, 1], got {tuple(image.shape)}")
+        return t.expand(3, -1, -1).cpu(), source
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or min(arr.shape[:2]) < 1:
+        raise VMADError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
+    arr = arr[:, :, :3] if arr.shape[2] >= 3 else np.repeat(arr, 3, axis=2)
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    t = t.float() / 255.0 if arr.dtype == np.uint8 else t.float().clamp(0, 1)
+    return t, source
+
+
+def _is_single(images: Any) -> bool:
+    if isinstance(images, (str, Path, Image.Image)):
+        return True
+    return isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
+
+
+# ------------------------------------------------------------------------------------------ detector
+
+
+class Detector:
+    """Masks, scores and answers for images, with a model loaded once (segment-anything-style predictor).
+
+    >>> det = Detector.from_pretrained("small")               # or a checkpoint folder
+    >>> [d] = det.detect("bottle.png", class_name="bottle")   # segmentation only (fast path)
+    >>> d.anomaly_score, d.mask.shape
+    """
+
+    def __init__(self, model: VMADModel, config: DetectorConfig | None = None, name: str = "model") -> None:
+        self.model = model.eval()
+        self.config = (config or DetectorConfig()).validate()
+        self.name = name
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path = "small",
+        device: str | torch.device | None = None,
+        config: DetectorConfig | None = None,
+        **build_kwargs: Any,
+    ) -> Detector:
+        """Load ``"small"`` (packaged weights) or a checkpoint folder (``save_trainable`` / training's
+        ``final/``). ``device`` None = ``config.device``; ``build_kwargs`` go to ``build_vmad`` (e.g.
+        ``llava_path``/``sam_path`` for a paper-preset checkpoint)."""
+        config = (config or DetectorConfig()).validate()
+        folder = resolve_model_path(model)
+        dev = torch.device(device) if device is not None else config.torch_device()
+        vmad = VMADModel.from_pretrained(folder, device=dev, **build_kwargs)
+        return cls(vmad, config, name=str(model))
+
+    # ------------------------------------------------------------- questions
+    def object_name(self, class_name: str | None) -> str:
+        return object_name(class_name) if class_name else self.config.default_object
+
+    def default_question(self, class_name: str | None = None, answer: bool = False) -> str:
+        """The paper's segmentation-only template, or (``answer``) its segmentation + answer template with
+        query type ``config.answer_query`` (Sec. V-A.2), with the object name filled in."""
+        obj = self.object_name(class_name)
+        if answer:
+            return SEG_ANSWER_QUESTION.format(object=obj, query_type=QUERY_TYPES[self.config.answer_query])
+        return SEG_QUESTION.format(object=obj)
+
+    # ------------------------------------------------------------- detect
+    def detect(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        question: str | None = None,
+        answer: bool = False,
+        class_name: str | None = None,
+        *,
+        max_new_tokens: int | None = None,
+    ) -> list[Detection]:
+        """Detect anomalies in one image or a list (paths, (H, W[, 3]) uint8 arrays, PIL images, [3, H, W]
+        tensors in [0, 1]). ``question`` None = :meth:`default_question`. ``answer`` False = segmentation only
+        (one forward); True = generated answer + mask (see the module rules). One Detection per image, in
+        order."""
+        items = [images] if _is_single(images) else list(images)  # type: ignore[arg-type]
+        loaded = [_as_tensor(x) for x in items]
+        q = question if question is not None else self.default_question(class_name, answer)
+        fallback_q = self.default_question(class_name, answer=False)
+        tokens = max_new_tokens or self.config.max_new_tokens
+        out: list[Detection | None] = [None] * len(loaded)
+        bs = self.config.batch_size
+        for start in range(0, len(loaded), bs):
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i in range(start, min(start + bs, len(loaded))):
+                groups.setdefault(tuple(loaded[i][0].shape[-2:]), []).append(i)
+            for idx in groups.values():
+                batch = torch.stack([loaded[i][0] for i in idx])
+                results = (
+                    self._answer(batch, q, fallback_q, tokens) if answer else self._segment(batch, q)
+                )
+                for i, det in zip(idx, results, strict=True):
+                    det.source = loaded[i][1]
+                    out[i] = det
+        return out  # type: ignore[return-value]
+
+    def _detection(self, probs: torch.Tensor, score: float, question: str, **kw: Any) -> Detection:
+        p = probs.detach().float().cpu().numpy().astype(np.float32, copy=False)
+        return Detection(float(score), p > self.config.threshold, p, question=question, **kw)
+
+    def _segment(self, images: torch.Tensor, question: str) -> list[Detection]:
+        res = self.model.segment(images, question)
+        return [self._detection(res.probs[i], float(res.scores[i]), question) for i in range(len(images))]
+
+    def _answer(self, images: torch.Tensor, question: str, fallback: str, tokens: int) -> list[Detection]:
+        gen = self.model.generate(images, question, max_new_tokens=tokens)
+        missing = [i for i, p in enumerate(gen.probs) if p is None]
+        seg = self.model.segment(images[missing], fallback) if missing else None
+        out = []
+        for i in range(len(images)):
+            if gen.probs[i] is not None:
+                det = self._detection(gen.probs[i], float(gen.scores[i]), question, mask_from="answer")
+            else:
+                j = missing.index(i)
+                det = self._detection(seg.probs[j], float(seg.scores[j]), question)  # type: ignore[union-attr]
+            det.answer = gen.texts[i]
+            out.append(det)
+        return out
+
+    # ------------------------------------------------------------- chat
+    def fold_history(self, history: Sequence[tuple[str, str]], question: str) -> str:
+        """The question text that carries earlier turns in the template's multi-turn markup (module rules)."""
+        if not history:
+            return question
+        layout = self.model.layout
+        eos = self.model.tokenizer.eos_token or ""
+        parts: list[str] = []
+        if layout.template == "chatml":
+            for i, (q, a) in enumerate(history):
+                parts.append(q if i == 0 else f"<|im_start|>user\n{q}")
+                parts.append(f"<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n")
+            return "".join(parts) + f"<|im_start|>user\n{question}"
+        for i, (q, a) in enumerate(history):
+            parts.append(q if i == 0 else f"USER: {q}")
+            parts.append(f" ASSISTANT:{layout.answer(a, eos)}")
+        return "".join(parts) + f"USER: {question}"
+
+    def chat(
+        self,
+        image: ImageInput,
+        history: Sequence[tuple[str, str]] | None,
+        question: str,
+        *,
+        class_name: str | None = None,
+        max_new_tokens: int | None = None,
+    ) -> ChatTurn:
+        """Answer ``question`` about ``image`` given earlier ``(question, answer)`` turns; the returned
+        :class:`ChatTurn` carries the updated history. The mask follows the answer-mode rule."""
+        history = list(history or [])
+        tensor, source = _as_tensor(image)
+        folded = self.fold_history(history, question)
+        tokens = max_new_tokens or self.config.max_new_tokens
+        [det] = self._answer(tensor[None], folded, self.default_question(class_name), tokens)
+        det.source, det.question = source, question
+        reply = det.answer or ""
+        return ChatTurn(question, reply, det, [*history, (question, reply)])
+
+
+# ------------------------------------------------------------------------------------------ eval scorer
+
+
+class VMADScorer:
+    """:class:`vmad.eval.scorer.Scorer` over a :class:`Detector` (segmentation-only path). Image score = the
+    model's image score; anomaly map = the mask probability map at the input size. The model is loaded by
+    :meth:`prepare` (timed by the engine as setup) or on first use."""
+
+    def __init__(self, model: str | Path = "small", config: DetectorConfig | None = None,
+                 detector: Detector | None = None) -> None:
+        self.model_ref = str(model)
+        self.config = (config or DetectorConfig()).validate()
+        self.path = resolve_model_path(model) if detector is None else None
+        self.detector = detector
+        packaged = self.model_ref in PACKAGED_MODELS
+        self.name = f"vmad-{self.model_ref if packaged else Path(self.model_ref).name or self.model_ref}"
+
+    def prepare(self) -> None:
+        if self.detector is None:
+            self.detector = Detector.from_pretrained(self.path or self.model_ref, config=self.config)
+
+    def score(self, images: Sequence[np.ndarray], class_name: str) -> ScoreOutput:
+        self.prepare()
+        dets = self.detector.detect(list(images), class_name=class_name)  # type: ignore[union-attr]
+        return ScoreOutput(
+            image_scores=np.array([d.anomaly_score for d in dets], dtype=np.float64),
+            anomaly_maps=[d.probability_map for d in dets],  # type: ignore[arg-type]
+        )
+
+    def _score_config(self) -> dict[str, Any]:
+        if self.detector is not None:
+            return asdict(self.detector.model.config.score)
+        if self.path is not None:
+            meta = json.loads((self.path / CONFIG_NAME).read_text(encoding="utf-8"))
+            return dict(meta.get("config", {}).get("score", {}))
+        return {}
+
+    def settings(self) -> dict:
+        score = self._score_config()
+        return {
+            "model": self.model_ref,
+            "weights": str(self.path) if self.path is not None else None,
+            "mode": "segmentation-only (VMADModel.segment, one forward per batch)",
+            "question_template": SEG_QUESTION,
+            "object_name": "class name with '_'/'-' as spaces",
+            "score_rule": score,
+            "score_description": SCORE_RULE_TEXT.get(score.get("rule", ""), "model image score"),
+            "anomaly_map": "mask probability (sigmoid of M_decoder logits) at the input image size",
+            **{k: v for k, v in asdict(self.config).items() if k in ("batch_size", "device")},
+        }
+
+
+def build_scorer(name_or_path: str | Path = "small", **options: Any) -> VMADScorer:
+    """The ``vmad eval --model NAME_OR_PATH`` scorer; ``options`` are :class:`DetectorConfig` fields (strings
+    are converted). The weights folder is checked now; the model is loaded by ``prepare()``."""
+    from vmad.baselines import config_from_options
+
+    return VMADScorer(name_or_path, config_from_options(DetectorConfig, options))
