@@ -95,7 +95,7 @@ def preset_config(name: str) -> VMADConfig:
             llm=LLMConfig(kind="llava", template="paper", dtype="bfloat16"),
             seg_head=SegHeadConfig(out_dim=256),
             backbone=BackboneConfig(kind="sam", image_size=1024),
-            mask_decoder=MaskDecoderConfig(kind="sam", dim=256, neck=False),
+            mask_decoder=MaskDecoderConfig(kind="sam", dim=256, neck=False, logit_bias=0.0),
         )
     else:
         raise ConfigError(f"unknown preset {name!r}; choose one of {PRESETS}")

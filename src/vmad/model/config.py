@@ -159,6 +159,9 @@ class MaskDecoderConfig:
         layers, heads, mlp_dim: two-way transformer shape (SAM: 2, 8, 2048).
         neck: map backbone features to ``dim`` channels (conv1x1-LN-conv3x3-LN as SAM's neck); needed unless
             the backbone already outputs ``dim`` channels (SAM).
+        logit_bias: initial value of a learned scalar added to the mask logits. OURS: a decoder trained from
+            scratch starts at the defect-pixel prior (log(0.01/0.99), RetinaNet's prior init), so training
+            does not first spend its steps pushing every pixel down; 0 for SAM's calibrated decoder.
     """
 
     kind: str = "scratch"
@@ -167,6 +170,7 @@ class MaskDecoderConfig:
     heads: int = 8
     mlp_dim: int = 2048
     neck: bool = True
+    logit_bias: float = -4.59512
 
     def validate(self) -> None:
         _check(self.kind, DECODER_KINDS, "mask_decoder.kind")

@@ -56,8 +56,8 @@ class FeatureNeck(nn.Module):
 class PromptedMaskDecoder(nn.Module):
     """SAM mask decoder with the positional encoding and the no-mask dense embedding it needs.
 
-    ``forward(image_embeddings [B, dim, h, w], prompts [B, K, dim]) -> mask logits [B, 1, 4h, 4w]``
-    (single-mask output, as LISA)."""
+    ``forward(image_embeddings [B, dim, h, w], prompts [B, K, dim]) -> mask logits [B, 4h, 4w]``
+    (single-mask output, as LISA), plus the learned ``logit_bias`` (see ``MaskDecoderConfig``)."""
 
     def __init__(
         self,
@@ -89,6 +89,7 @@ class PromptedMaskDecoder(nn.Module):
             unused.requires_grad_(False)
         self.pos_embed = pos_embed
         self.no_mask_embed = no_mask_embed if no_mask_embed is not None else nn.Embedding(1, cfg.dim)
+        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias)))
         self.dim = cfg.dim
 
     def dense_positional_encoding(self, h: int, w: int) -> Tensor:
@@ -112,14 +113,20 @@ class PromptedMaskDecoder(nn.Module):
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
-        return masks[:, 0]
+        return masks[:, 0] + self.logit_bias.to(masks.dtype)
 
 
 def dice_loss(logits: Tensor, target: Tensor, scale: float = 1000.0, eps: float = 1e-6) -> Tensor:
-    """DICE of Eq. 7 per mask, averaged over masks (LISA's form: sums divided by ``scale``).
-    ``logits``/``target``: ``[K, H, W]``."""
+    """DICE of Eq. 7 per mask, averaged over the masks that have a defect (LISA's form: sums divided by
+    ``scale``). OURS: a blank target (normal image) has no Dice overlap to learn — its Dice loss would stay
+    ~1 whatever the prediction — so blank masks are left to the BCE term; with no non-blank mask the loss
+    is 0 (with a graph). ``logits``/``target``: ``[K, H, W]``."""
     p = logits.sigmoid().flatten(1)
     t = target.flatten(1).to(p.dtype)
+    keep = t.sum(-1) > 0
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    p, t = p[keep], t[keep]
     num = 2 * (p / scale * t).sum(-1)
     den = (p / scale).sum(-1) + (t / scale).sum(-1)
     return (1 - (num + eps) / (den + eps)).mean()

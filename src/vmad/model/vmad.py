@@ -355,6 +355,7 @@ class VMADModel(nn.Module):
             )
             loss_bce, loss_dice = bce_loss(logits, masks), dice_loss(logits, masks)
             out["mask_logits"] = logits
+            out["n_dice_masks"] = int((masks.flatten(1) > 0).any(1).sum())
         else:
             loss_bce = loss_dice = sum(p.sum() for p in self.seg_head.parameters()) * 0.0
         lw = self.config.loss

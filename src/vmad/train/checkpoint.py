@@ -1,0 +1,240 @@
+"""Checkpoint files without pickle: tensors in safetensors, everything else in JSON; atomic folders.
+
+A checkpoint is ``<output_dir>/checkpoint-<step>/``. It is written into ``.checkpoint-<step>.tmp/`` (every
+rank adds its own files), completed by ``trainer_state.json`` (written last), renamed into place with
+``os.replace``, and only then is ``<output_dir>/latest`` (a one-line file naming the folder) replaced. A run
+killed at any moment therefore leaves either the previous complete checkpoint or the new one;
+:func:`find_latest` ignores temporary folders and folders without ``trainer_state.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+PREFIX = "checkpoint-"
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+
+
+# ------------------------------------------------------------------------------------------ plain files
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file in the same folder and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def load_tensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+
+def optimizer_state(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A torch optimizer ``state_dict()`` as (tensors, JSON metadata)."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"state.{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    groups = []
+    for i, group in enumerate(state["param_groups"]):
+        g = {}
+        for key, value in group.items():
+            if isinstance(value, Tensor):
+                tensors[f"group.{i}.{key}"] = value
+                g[key] = {"__tensor__": f"group.{i}.{key}"}
+            elif isinstance(value, tuple):
+                g[key] = {"__tuple__": list(value)}
+            else:
+                g[key] = value
+        groups.append(g)
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_state_from(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`optimizer_state`."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for pid, entry in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(entry)
+    groups = []
+    for g in meta["param_groups"]:
+        out = {}
+        for key, value in g.items():
+            if isinstance(value, dict) and "__tensor__" in value:
+                out[key] = tensors[value["__tensor__"]]
+            elif isinstance(value, dict) and "__tuple__" in value:
+                out[key] = tuple(value["__tuple__"])
+            else:
+                out[key] = value
+        groups.append(out)
+    return {"state": state, "param_groups": groups}
+
+
+def scheduler_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A LambdaLR ``state_dict()`` as JSON (its lambdas are rebuilt from the config, not stored)."""
+    return {k: v for k, v in state.items() if k != "lr_lambdas"}
+
+
+# ------------------------------------------------------------------------------------------ RNG
+
+
+def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Python, NumPy (legacy global) and torch (CPU + CUDA) generator states."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy.keys": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    meta = {
+        "python": [version, list(words), gauss],
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+    version, words, gauss = meta["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"].to(torch.uint8))
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([c.to(torch.uint8) for c in cuda])
+
+
+# ------------------------------------------------------------------------------------------ folders
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step}"
+
+
+def temp_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / f".{checkpoint_name(step)}.tmp"
+
+
+def prepare_temp(output_dir: Path, step: int) -> Path:
+    """A fresh, empty temporary folder for checkpoint ``step`` (main process only)."""
+    tmp = temp_dir(output_dir, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(output_dir: Path, step: int, state: Mapping[str, Any]) -> Path:
+    """Finish checkpoint ``step``: write its state file, move it into place, then update ``latest``."""
+    tmp = temp_dir(output_dir, step)
+    write_json(tmp / STATE_FILE, dict(state))
+    _fsync_dir(tmp)
+    final = output_dir / checkpoint_name(step)
+    trash = None
+    if final.exists():  # e.g. re-saving the step a run was resumed from
+        trash = output_dir / f".{checkpoint_name(step)}.old"
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    _fsync_dir(output_dir)
+    write_text_atomic(output_dir / LATEST, final.name + "\n")
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and path.name.startswith(PREFIX) and (path / STATE_FILE).is_file()
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest (lowest step) first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        suffix = p.name[len(PREFIX) :]
+        if p.name.startswith(PREFIX) and suffix.isdigit() and is_complete(p):
+            found.append((int(suffix), p))
+    return [p for _, p in sorted(found)]
+
+
+def find_latest(output_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names when complete, else the complete checkpoint of highest step."""
+    pointer = output_dir / LATEST
+    if pointer.is_file():
+        named = output_dir / pointer.read_text(encoding="utf-8").strip()
+        if named.parent == output_dir and is_complete(named):
+            return named
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def prune(output_dir: Path, keep: int | None) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints (never the one ``latest`` names)."""
+    if keep is None:
+        return
+    latest = find_latest(output_dir)
+    for path in list_checkpoints(output_dir)[:-keep]:
+        if path != latest:
+            shutil.rmtree(path, ignore_errors=True)

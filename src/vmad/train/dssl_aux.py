@@ -1,0 +1,153 @@
+"""DSSL as an auxiliary loss of :class:`VMADModel` (paper Sec. III-C, Eq. 8-17).
+
+:class:`DSSLAux` is attached with ``model.attach_aux("pbsd", DSSLAux(...))``; in every forward it receives
+the model's context and returns ``{"loss_pbsd": L_pbsd}`` (unweighted; the model multiplies it by
+``config.loss.pbsd``, which the trainer sets to ``dssl.lambda_pbsd``). Per batch:
+
+- f: the frozen visual backbone's last feature map (``VMADModel.backbone_maps``; the shared encoder maps for
+  the small preset), no gradient;
+- boxes: ``N_b`` random boxes drawn from this module's own seeded generator (its state is checkpointed) in
+  the frame of the vision encoder's input (``vision.image_size`` px; OURS: the paper's 32 px boxes refer to
+  the 336 px CLIP input);
+- T_v (Eq. 12): ``roi`` (OURS, default here) ROI-aligns Ψ's output tokens, seen as a grid; ``crop`` (paper)
+  re-encodes each cropped patch with F_I then Ψ (gradient reaches Ψ in both);
+- Ψ(z_F) (Eq. 13): the mean of Ψ's output tokens of the image (OURS);
+- t_x: the mean of the LLM's (frozen) input embeddings of the class's normal description (OURS).
+
+g_alpha / g_beta only ever see detached features (the visual side of Eq. 17 is detached), so they receive
+no gradient: they are frozen here (fixed random projections), which also keeps DDP from waiting for their
+gradients. The memory queues and the box generator are not module state: save them with
+:meth:`extra_state` and restore with :meth:`load_extra_state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vmad.errors import ConfigError
+from vmad.model.dssl import DSSL, DSSLConfig, sample_boxes
+
+
+def backbone_channels(model: Any) -> int:
+    """Channels of f, the last map of :meth:`VMADModel.backbone_maps`."""
+    if model.visual_backbone is None:
+        return int(model.vision_encoder.out_dim)
+    return int(model.visual_backbone.out_channels[-1])
+
+
+def token_width(model: Any) -> int:
+    return int(model.base_lm().get_input_embeddings().weight.shape[1])
+
+
+class DSSLAux(nn.Module):
+    """The glue between :class:`VMADModel` and :class:`vmad.model.dssl.DSSL`.
+
+    Args:
+        model: the VMAD model (read for shapes only; the context of each call provides it).
+        cfg: DSSL hyper-parameters.
+        class_sizes: training samples per class (queue length = 1/``capacity_divisor`` of each class).
+        seed: seed of the box generator.
+    """
+
+    def __init__(self, model: Any, cfg: DSSLConfig, class_sizes: Mapping[str, int], seed: int = 0) -> None:
+        super().__init__()
+        width = token_width(model)
+        self.frame = int(model.config.vision.image_size)
+        if cfg.patch_tokens == "crop" and cfg.crop_input_size is None:  # the encoder's own input size
+            cfg = dataclasses.replace(cfg, crop_input_size=self.frame)
+        self.cfg = cfg
+        self.dssl = DSSL(cfg, backbone_channels(model), width, width, class_sizes)
+        for head in (self.dssl.g_alpha, self.dssl.g_beta):
+            head.requires_grad_(False)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        if cfg.patch_tokens == "roi":
+            grid = model.vision_encoder.grid
+            side = math.isqrt(int(model.projector.num_output_tokens(grid)))
+            if side * side != int(model.projector.num_output_tokens(grid)) or model.config.projector.kind in (
+                "resampler",
+            ):
+                raise ConfigError(
+                    f"dssl.patch_tokens='roi' needs a projector with a square token grid; "
+                    f"{model.config.projector.kind!r} has none: use dssl.patch_tokens='crop'"
+                )
+
+    # ------------------------------------------------------------------ pieces
+    def feature_map(self, model: Any, images: Tensor, last: Tensor, levels: Sequence[Tensor]) -> Tensor:
+        return model.backbone_maps(images, last, levels)[-1].float()
+
+    def describe(self, model: Any, texts: Sequence[str], device: torch.device) -> Tensor:
+        """t_x: mean LLM input embedding of each normal description ``[B, D]`` (no gradient)."""
+        tok = model.tokenizer
+        cache = {}
+        for t in dict.fromkeys(texts):
+            ids = tok(t, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+            with torch.no_grad():
+                cache[t] = model.embed_tokens(torch.tensor(ids, device=device)).float().mean(0)
+        return torch.stack([cache[t] for t in texts])
+
+    def patch_tokens(self, model: Any, images: Tensor, vis: Tensor, boxes: Tensor) -> Tensor:
+        if self.cfg.patch_tokens == "crop":
+            size = (self.frame, self.frame)
+            frame = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
+            return self.dssl.patch_tokens(boxes, images=frame, encode=lambda x: model.encode_images(x)[2])
+        side = math.isqrt(vis.shape[1])
+        grid = vis.transpose(1, 2).reshape(vis.shape[0], vis.shape[2], side, side)
+        return self.dssl.patch_tokens(boxes, token_grid=grid.float(), stride=self.frame / side)
+
+    # ------------------------------------------------------------------ hook
+    def forward(self, context: Mapping[str, Any]) -> dict[str, Tensor]:
+        model, batch = context["model"], context["batch"]
+        images, vis = context["images"], context["visual_tokens"]
+        for key in ("class_names", "is_normal", "normal_descriptions"):
+            if key not in batch:
+                raise ConfigError(f"DSSL needs batch[{key!r}] (use vmad.train.dataset.collate)")
+        device = vis.device
+        boxes = sample_boxes(images.shape[0], self.frame, self.cfg, self.generator, device)
+        f = self.feature_map(model, images, context["vision_last"], context["vision_levels"])
+        out = self.dssl(
+            f,
+            self.frame,
+            boxes,
+            self.patch_tokens(model, images, vis, boxes),
+            vis.float().mean(1),
+            self.describe(model, batch["normal_descriptions"], device),
+            list(batch["class_names"]),
+            batch["is_normal"],
+        )
+        return {"loss_pbsd": out.loss}
+
+    @torch.no_grad()
+    def push_only(self, model: Any, batch: Mapping[str, Any]) -> None:
+        """Add a batch's (z, theta) to the memory without a loss (memory prefill, OURS)."""
+        images = batch["images"].to(model.device)
+        last, levels, vis = model.encode_images(images)
+        f = self.feature_map(model, images, last, levels)
+        z = self.dssl.g_beta(f.mean(dim=(2, 3)))
+        t_x = self.describe(model, batch["normal_descriptions"], vis.device)
+        theta = self.dssl.semantic_tokens(vis.float().mean(1), t_x)
+        self.dssl.memory.push(list(batch["class_names"]), batch["is_normal"], z, theta)
+
+    def memory_full(self, class_names: Sequence[str]) -> bool:
+        mem = self.dssl.memory
+        return all(
+            name in mem.queues and mem.queues[name].count >= mem.queues[name].capacity for name in class_names
+        )
+
+    # ------------------------------------------------------------------ checkpoint state
+    def extra_state(self) -> dict[str, Tensor]:
+        """Memory queues and box-generator state as flat tensors (safetensors)."""
+        state = {f"memory.{k}": v for k, v in self.dssl.memory.state_dict().items()}
+        state["generator"] = self.generator.get_state()
+        return state
+
+    def load_extra_state(self, state: Mapping[str, Tensor]) -> None:
+        mem = {k.removeprefix("memory."): v for k, v in state.items() if k.startswith("memory.")}
+        self.dssl.memory.load_state_dict(mem)
+        self.generator.set_state(state["generator"].to(torch.uint8).cpu())

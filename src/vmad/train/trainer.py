@@ -1,0 +1,478 @@
+"""The VMAD training loop on Hugging Face Accelerate (paper Sec. III-B/C, Eq. 6-7 and 17; Sec. V-A.4).
+
+One CPU process with ``vmad train``; several GPUs with ``accelerate launch --config_file
+configs/accelerate/{ddp,deepspeed_zero2}.yaml -m vmad train ...``. AdamW over the trained parts only (LoRA,
+projector, Γ, neck, mask decoder, the added token rows, Meta-Net), a cosine schedule with linear warmup,
+gradient accumulation, clipping. Each optimizer step logs the mean of its micro-batches (``loss_bce`` /
+``loss_dice`` over the micro-batches that had a segmentation answer, null when none had) to
+``<output_dir>/log.jsonl``; checkpoints (:mod:`vmad.train.checkpoint`) hold the trained weights, optimizer
+and scheduler state, DSSL memory and box generator, RNG states and the data position, so ``--resume``
+continues bit-exactly. ``<output_dir>/final/`` is a ``VMADModel.from_pretrained`` folder (without the
+training-only DSSL heads).
+
+DeepSpeed: its optimizer state is sharded by the engine and saved with ``accelerator.save_state(...,
+safe_serialization=True)``: model weights as safetensors, but DeepSpeed's optimizer shards are written by
+``torch.save`` (pickle) - the only pickled files; every other path writes none.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vmad.errors import ConfigError
+from vmad.train import checkpoint as ckpt
+from vmad.train.config import TrainConfig
+from vmad.train.dataset import EpochBatches, InstructionDataset, batches_per_epoch, collate
+
+LOG_NAME = "log.jsonl"
+FINAL_DIR = "final"
+LOSS_KEYS = ("loss", "loss_txt", "loss_bce", "loss_dice", "loss_pbsd")
+# Config parts that must match for an exact resume.
+RESUME_KEYS = ("model", "data", "dssl")
+RESUME_TRAIN_KEYS = ("batch_size", "grad_accum", "seed", "dssl", "lr", "weight_decay", "betas", "eps")
+
+
+@dataclass
+class TrainResult:
+    """What a :func:`train` call did: the last optimizer step, where it wrote, whether it stopped early."""
+
+    step: int
+    total_steps: int
+    output_dir: Path
+    final_dir: Path | None
+    log_path: Path
+    resumed_from: Path | None
+    stopped_early: bool
+
+
+@dataclass
+class DataPosition:
+    """Where the data stream is: epoch and batches of it consumed by this rank."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str, floor: float) -> float:
+    """LR multiplier of optimizer step ``step`` (0-based): linear warmup to 1 over ``warmup`` steps, then
+    cosine decay to ``floor`` at ``total`` (or constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trained parameters in two AdamW groups: decay on matrices, none on biases / norms / 1-d rows (OURS)."""
+    decay, plain = [], []
+    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else plain).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _load_samples(cfg: TrainConfig) -> list:
+    from vmad.data import load_dataset
+
+    if not cfg.data.root:
+        raise ConfigError("data.root is not set (e.g. --set data.root=PATH)")
+    ds = load_dataset(cfg.data.root, cfg.data.format)
+    split = cfg.data.split
+    samples = list(ds.samples) if split is None else (ds.select(split=split) if split in ds.splits() else [])
+    if cfg.data.classes is not None:
+        unknown = sorted(set(cfg.data.classes) - set(ds.class_names()))
+        if unknown:
+            raise ConfigError(f"data.classes: {unknown} not in {ds.class_names()}")
+        samples = [s for s in samples if s.class_name in set(cfg.data.classes)]
+    if not samples:
+        raise ConfigError(
+            f"{cfg.data.root}: no training samples for split {cfg.data.split!r} (splits: {ds.splits()})"
+        )
+    return samples
+
+
+class Trainer:
+    """Build everything from a :class:`TrainConfig` and run :meth:`fit`."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Any = None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        from vmad.data.prompts import TaskRatios
+        from vmad.model.build import build_vmad
+        from vmad.train.dssl_aux import DSSLAux
+
+        self.cfg = cfg
+        t = cfg.train
+        self.acc = accelerator or Accelerator(
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+        )
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.out = Path(cfg.output_dir)
+        _seed_all(t.seed + self.rank)
+        samples = _load_samples(cfg)
+        model_cfg = cfg.model
+        if t.dssl:
+            model_cfg.loss.pbsd = cfg.dssl.lambda_pbsd
+        self.model = build_vmad(model_cfg)
+        tasks = cfg.data.tasks
+        self.dataset = InstructionDataset(
+            samples,
+            cfg.image_size,
+            TaskRatios(tasks.seg, tasks.seg_answer, tasks.vqa),
+            t.seed,
+            self.model.config.llm.seg_token,
+        )
+        self.aux: DSSLAux | None = None
+        if t.dssl:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(t.seed)
+                self.aux = DSSLAux(
+                    self.model, cfg.dssl, self.dataset.class_sizes(), seed=t.seed * 7919 + self.rank
+                )
+            self.model.attach_aux("pbsd", self.aux)
+        self.model.to(self.acc.device)
+        self.per_epoch = batches_per_epoch(len(self.dataset), t.batch_size, self.world)
+        self.total_steps = t.max_steps or t.epochs * -(-self.per_epoch // t.grad_accum)
+        warmup = t.warmup_steps or int(round(t.warmup_ratio * self.total_steps))
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            functools.partial(
+                lr_factor, warmup=warmup, total=self.total_steps, kind=t.scheduler, floor=t.min_lr_ratio
+            ),
+        )
+        self.deepspeed = self.acc.state.deepspeed_plugin is not None
+        if self.deepspeed:
+            ds = self.acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = t.batch_size
+            ds["gradient_accumulation_steps"] = t.grad_accum
+            ds["gradient_clipping"] = t.max_grad_norm or 0.0
+        self.wrapped, self.opt = self.acc.prepare(self.model, self.optimizer)
+        self.step = 0
+        self.pos = DataPosition()
+
+    # ------------------------------------------------------------------ data
+    def _stream(self) -> Iterator[dict[str, Any]]:
+        from torch.utils.data import DataLoader
+
+        t = self.cfg.train
+        while True:
+            sampler = EpochBatches(
+                len(self.dataset), t.batch_size, self.pos.epoch, t.seed, self.rank, self.world, self.pos.batch
+            )
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=sampler,
+                collate_fn=collate,
+                num_workers=self.cfg.data.num_workers,
+                generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
+            )
+            for raw in loader:
+                self.pos.batch += 1
+                yield raw
+            self.pos.epoch += 1
+            self.pos.batch = 0
+
+    def _batch(self, raw: dict[str, Any]) -> dict[str, Any]:
+        device = self.acc.device
+        batch = self.model.prepare_batch(raw["images"], raw["questions"], raw["answers"], raw["masks"])
+        batch["class_names"] = raw["class_names"]
+        batch["is_normal"] = raw["is_normal"].to(device)
+        batch["normal_descriptions"] = raw["normal_descriptions"]
+        return batch
+
+    def _prefill(self) -> None:
+        """Fill each class's DSSL queue before step 1 (OURS; train.dssl_prefill), model in eval mode."""
+        from torch.utils.data import DataLoader
+
+        assert self.aux is not None
+        t = self.cfg.train
+        order = EpochBatches(len(self.dataset), t.batch_size, -1, t.seed, self.rank, self.world)
+        classes = sorted(self.dataset.class_sizes())
+        self.model.eval()
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=order,
+            collate_fn=collate,
+            num_workers=self.cfg.data.num_workers,
+            generator=torch.Generator().manual_seed(t.seed),
+        )
+        for raw in loader:
+            if self.aux.memory_full(classes):
+                break
+            self.aux.push_only(self.model, self._batch(raw))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _config_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.cfg.to_dict()))
+
+    def save_checkpoint(self) -> Path:
+        acc, t = self.acc, self.cfg.train
+        tmp = ckpt.temp_dir(self.out, self.step)
+        if acc.is_main_process:
+            ckpt.prepare_temp(self.out, self.step)
+        acc.wait_for_everyone()
+        if self.deepspeed:  # DeepSpeed shards optimizer state; its shards are pickled by torch.save
+            acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
+        tensors, meta = ckpt.rng_state()
+        ckpt.save_tensors(tmp / f"rng_rank{self.rank}.safetensors", tensors)
+        extra: dict[str, Any] = {"rng": meta, "data": {"epoch": self.pos.epoch, "batch": self.pos.batch}}
+        if self.aux is not None:
+            ckpt.save_tensors(tmp / f"dssl_rank{self.rank}.safetensors", self.aux.extra_state())
+        ckpt.write_json(tmp / f"rank{self.rank}.json", extra)
+        if acc.is_main_process:
+            self.model.save_trainable(tmp / "model")
+            if not self.deepspeed:
+                tensors, meta = ckpt.optimizer_state(self.optimizer.state_dict())
+                ckpt.save_tensors(tmp / "optimizer.safetensors", tensors)
+                ckpt.write_json(tmp / "optimizer.json", meta)
+            ckpt.write_json(tmp / "scheduler.json", ckpt.scheduler_state(self.scheduler.state_dict()))
+        acc.wait_for_everyone()
+        path = self.out / ckpt.checkpoint_name(self.step)
+        if acc.is_main_process:
+            state = {
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "world_size": self.world,
+                "deepspeed": self.deepspeed,
+                "config": self._config_dict(),
+            }
+            path = ckpt.commit(self.out, self.step, state)
+            ckpt.prune(self.out, t.keep_checkpoints)
+        acc.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = ckpt.read_json(path / ckpt.STATE_FILE)
+        if state["world_size"] != self.world:
+            raise ConfigError(
+                f"{path}: written by {state['world_size']} processes, resuming with {self.world}; "
+                "an exact resume needs the same number"
+            )
+        saved, now = state["config"], self._config_dict()
+        diffs = [k for k in RESUME_KEYS if _without(saved.get(k)) != _without(now.get(k))]
+        diffs += [f"train.{k}" for k in RESUME_TRAIN_KEYS if saved["train"].get(k) != now["train"].get(k)]
+        if diffs:
+            raise ConfigError(f"{path}: the config differs from the checkpoint's in {diffs}; cannot resume")
+        self.model.load_trainable(path / "model")
+        if self.deepspeed:
+            self.acc.load_state(str(path / "accelerate"))
+        else:
+            meta = ckpt.read_json(path / "optimizer.json")
+            tensors = ckpt.load_tensors(path / "optimizer.safetensors")
+            self.optimizer.load_state_dict(ckpt.optimizer_state_from(tensors, meta))
+        sched = ckpt.read_json(path / "scheduler.json")
+        sched["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
+        self.scheduler.load_state_dict(sched)
+        extra = ckpt.read_json(path / f"rank{self.rank}.json")
+        if self.aux is not None:
+            self.aux.load_extra_state(ckpt.load_tensors(path / f"dssl_rank{self.rank}.safetensors"))
+        ckpt.set_rng_state(ckpt.load_tensors(path / f"rng_rank{self.rank}.safetensors"), extra["rng"])
+        self.pos = DataPosition(**extra["data"])
+        self.step = int(state["step"])
+
+    def save_final(self) -> Path:
+        """``final/``: trained weights + config for ``VMADModel.from_pretrained`` (DSSL heads left out)."""
+        import shutil
+
+        final = self.out / FINAL_DIR
+        if self.acc.is_main_process:
+            tmp = self.out / f".{FINAL_DIR}.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            aux = self.model.aux_modules
+            self.model.aux_modules = nn.ModuleDict()
+            try:
+                self.model.save_trainable(tmp)
+            finally:
+                self.model.aux_modules = aux
+            ckpt.write_json(tmp / "train_config.json", self._config_dict())
+            old = self.out / f".{FINAL_DIR}.old"
+            if final.exists():
+                if old.exists():
+                    shutil.rmtree(old)
+                final.replace(old)
+            tmp.replace(final)
+            shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return final
+
+    # ------------------------------------------------------------------ log
+    def _truncate_log(self, log: Path) -> None:
+        """Keep only the entries of steps up to the resumed one (later ones were never checkpointed)."""
+        if not (self.acc.is_main_process and log.is_file()):
+            return
+        keep = []
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut by the kill
+        ckpt.write_text_atomic(log, "".join(k + "\n" for k in keep))
+
+    def _check_fresh(self, overwrite: bool) -> None:
+        import shutil
+
+        existing = ckpt.list_checkpoints(self.out) + [
+            p for p in (self.out / LOG_NAME, self.out / FINAL_DIR, self.out / ckpt.LATEST) if p.exists()
+        ]
+        if not existing:
+            return
+        if not overwrite:
+            raise ConfigError(
+                f"{self.out} already holds a run ({existing[0].name}); pass --resume to continue it or "
+                "--overwrite to start again"
+            )
+        if self.acc.is_main_process:
+            for p in existing:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        self.acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+        from tqdm import tqdm
+
+        acc, t = self.acc, self.cfg.train
+        resumed = ckpt.find_latest(self.out) if resume else None
+        if resumed is not None:
+            self.load_checkpoint(resumed)
+        elif resume and acc.is_main_process:
+            print(f"no complete checkpoint in {self.out}; starting from step 0", file=sys.stderr)
+        if resumed is None:
+            self._check_fresh(overwrite or resume)
+            if self.aux is not None and t.dssl_prefill:
+                self._prefill()
+        self.out.mkdir(parents=True, exist_ok=True)
+        log_path = self.out / LOG_NAME
+        self._truncate_log(log_path)
+        if acc.is_main_process:
+            ckpt.write_text_atomic(self.out / "train_config.json", json.dumps(self._config_dict(), indent=1))
+
+        self.model.train()
+        stream = self._stream()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not (t.progress and acc.is_main_process),
+            dynamic_ncols=True,
+        )
+        window = torch.zeros(8, dtype=torch.float64)
+        last_saved = self.step if resumed is not None else -1
+        stopped = False
+        while self.step < self.total_steps:
+            sums = torch.zeros(8, dtype=torch.float64, device=acc.device)
+            for micro in range(t.grad_accum):
+                batch = self._batch(next(stream))
+                sync = micro == t.grad_accum - 1
+                ctx = acc.no_sync(self.wrapped) if not sync and not self.deepspeed else _null()
+                with ctx, acc.autocast():
+                    out = self.wrapped(batch)
+                acc.backward(out["loss"] / t.grad_accum)
+                sums += _loss_sums(out, sums.device)
+            lr = float(self.scheduler.get_last_lr()[0])
+            if t.max_grad_norm and not self.deepspeed:
+                acc.clip_grad_norm_(params, t.max_grad_norm)
+            self.opt.step()
+            self.scheduler.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            window += acc.reduce(sums, reduction="sum").cpu()
+            if self.step % t.log_every == 0 or self.step == self.total_steps:
+                entry = _log_entry(self.step, self.pos.epoch, lr, window, self.aux is not None)
+                window.zero_()
+                if acc.is_main_process:
+                    with open(log_path, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(entry) + "\n")
+                shown = {
+                    k.removeprefix("loss_"): v for k, v in entry.items() if k in LOSS_KEYS and v is not None
+                }
+                bar.set_postfix(shown, refresh=False)
+            bar.update(1)
+            if t.save_every and self.step % t.save_every == 0:
+                self.save_checkpoint()
+                last_saved = self.step
+            if t.stop_after is not None and self.step >= t.stop_after and self.step < self.total_steps:
+                stopped = True
+                break
+        bar.close()
+        final = None
+        if not stopped:
+            if last_saved != self.step:
+                self.save_checkpoint()
+            final = self.save_final()
+        return TrainResult(self.step, self.total_steps, self.out, final, log_path, resumed, stopped)
+
+
+def _without(section: Any, keys: tuple[str, ...] = ("num_workers",)) -> Any:
+    """A config section without the keys that do not change results."""
+    return {k: v for k, v in section.items() if k not in keys} if isinstance(section, dict) else section
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _loss_sums(out: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """[loss, txt, pbsd, n, bce, dice, n_seg, n_dice] of one micro-batch (mask terms only when it had masks;
+    Dice only when one of them was non-blank, see ``dice_loss``)."""
+    has_seg = "mask_logits" in out
+    has_dice = has_seg and out.get("n_dice_masks", 1) > 0
+    vals = [
+        float(out["loss"].detach()),
+        float(out["loss_txt"].detach()),
+        float(out["loss_pbsd"].detach()) if "loss_pbsd" in out else 0.0,
+        1.0,
+        float(out["loss_bce"].detach()) if has_seg else 0.0,
+        float(out["loss_dice"].detach()) if has_dice else 0.0,
+        1.0 if has_seg else 0.0,
+        1.0 if has_dice else 0.0,
+    ]
+    return torch.tensor(vals, dtype=torch.float64, device=device)
+
+
+def _log_entry(step: int, epoch: int, lr: float, w: torch.Tensor, dssl: bool) -> dict[str, Any]:
+    n, n_seg, n_dice = float(w[3]), float(w[6]), float(w[7])
+    return {
+        "step": step,
+        "epoch": epoch,
+        "lr": lr,
+        "loss": float(w[0]) / n,
+        "loss_txt": float(w[1]) / n,
+        "loss_bce": float(w[4]) / n_seg if n_seg else None,
+        "loss_dice": float(w[5]) / n_dice if n_dice else None,
+        "loss_pbsd": float(w[2]) / n if dssl else None,
+    }
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Train by ``cfg`` (see :class:`Trainer`)."""
+    return Trainer(cfg).fit(resume=resume, overwrite=overwrite)

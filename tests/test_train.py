@@ -1,0 +1,267 @@
+"""`vmad train`: config keys, a few tiny steps, checkpoints, and kill-and-resume giving identical weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from vmad.cli import main
+from vmad.errors import ConfigError
+from vmad.model.vmad import VMADModel
+from vmad.train import checkpoint as ckpt
+from vmad.train.config import load_train_config
+from vmad.train.dataset import EpochBatches
+from vmad.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+ANSWERS = {
+    "description": "A bright square stain lies on the plate.",
+    "impact": "It spoils the surface finish.",
+    "suggestion": "Clean the plate and check the line.",
+}
+
+
+def write_riad(root: Path, classes: tuple[str, ...] = ("plate", "tile"), per_class: int = 6) -> Path:
+    """A small RIAD-format dataset (docs/riad_format.md): half normal, half with a bright square defect."""
+    rng = np.random.default_rng(0)
+    manifest = {"format": "riad", "version": 1, "classes": {}}
+    for name in classes:
+        cdir = root / name
+        (cdir / "images").mkdir(parents=True)
+        manifest["classes"][name] = {"normal_description": f"A clean {name} with an even grey surface."}
+        images, anns = [], []
+        for i in range(per_class):
+            arr = (rng.random((48, 56, 3)) * 60 + 90).astype(np.uint8)
+            entry = {"id": i + 1, "file_name": f"images/{i:03d}.png", "width": 56, "height": 48}
+            if i % 2:
+                x, y = int(rng.integers(4, 36)), int(rng.integers(4, 28))
+                arr[y : y + 14, x : x + 14] = 250
+                poly = [x, y, x + 14, y, x + 14, y + 14, x, y + 14]
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": i + 1,
+                        "category_id": 1,
+                        "iscrowd": 0,
+                        "segmentation": [poly],
+                        "bbox": [x, y, 14, 14],
+                        "area": 196,
+                    }
+                )
+                entry.update(label="anomalous", defect_type="stain", answers=ANSWERS)
+            else:
+                entry.update(label="normal", answers=None)
+            Image.fromarray(arr).save(cdir / entry["file_name"])
+            images.append(entry)
+        coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "stain"}]}
+        (cdir / "annotations_train.json").write_text(json.dumps(coco))
+    (root / "classes.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture(scope="module")
+def riad(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_riad(tmp_path_factory.mktemp("riad") / "data")
+
+
+def tiny_overrides(data: Path, out: Path, steps: int, **extra: object) -> list[str]:
+    sets = {
+        "data.root": str(data),
+        "output_dir": str(out),
+        "train.max_steps": steps,
+        "train.batch_size": 2,
+        "train.save_every": 2,
+        "train.log_every": 1,
+        "train.keep_checkpoints": None,
+        "train.progress": False,
+        "dssl.num_boxes": 4,
+        **extra,
+    }
+    return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]
+
+
+def run(data: Path, out: Path, steps: int, resume: bool = False, **extra: object):
+    cfg = load_train_config(TINY, tiny_overrides(data, out, steps, **extra))
+    return train(cfg, resume=resume)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def test_unknown_keys_are_clear_errors() -> None:
+    with pytest.raises(ConfigError, match=r"'train\.bogus'.*max_steps.*batch_size"):
+        load_train_config(TINY, ["train.bogus=1"])
+    with pytest.raises(ConfigError, match=r"'nonsense'.*top level.*output_dir"):
+        load_train_config(TINY, ["nonsense=1"])
+    with pytest.raises(ConfigError, match=r"'model\.vision\.depth'.*image_size"):
+        load_train_config(TINY, ["model.vision.depth=3"])
+    with pytest.raises(ConfigError, match=r"'dssl\.boxes'.*num_boxes"):
+        load_train_config(TINY, ["dssl.boxes=3"])
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_train_config(TINY, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_train_config(TINY, ["train.max_steps"])
+
+
+def test_overrides_are_typed(tmp_path: Path) -> None:
+    cfg = load_train_config(
+        TINY, ["train.lr=1e-6", "train.max_steps=7", "data.root=/x", "output_dir=" + str(tmp_path)]
+    )
+    assert cfg.train.lr == 1e-6 and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 7 and cfg.data.root == "/x" and cfg.output_dir == str(tmp_path)
+    assert cfg.model.to_dict() == load_train_config(TINY).model.to_dict()
+
+
+def test_config_files_load() -> None:
+    paper = load_train_config(REPO / "configs" / "paper.yaml")
+    assert (paper.train.batch_size, paper.train.epochs, paper.train.lr) == (2, 10, 1e-6)
+    assert paper.train.scheduler == "cosine" and paper.model.lora.r == 8
+    assert (paper.dssl.num_boxes, paper.dssl.box_size, paper.dssl.capacity_divisor) == (32, 32, 20)
+    small = load_train_config(REPO / "configs" / "small.yaml")
+    assert small.model.preset == "small" and small.train.dssl
+    for name in ("ddp", "deepspeed_zero2"):
+        acc = yaml.safe_load((REPO / "configs" / "accelerate" / f"{name}.yaml").read_text())
+        assert acc["num_processes"] == 8 and acc["mixed_precision"] == "bf16"
+    assert acc["deepspeed_config"]["zero_stage"] == 2
+
+
+def test_batches_shard_without_overlap() -> None:
+    ranks = [EpochBatches(10, 2, epoch=1, seed=3, rank=r, world=2) for r in range(2)]
+    seen = [i for r in ranks for b in r for _, i in b]
+    assert len(seen) == 12 and set(seen) == set(range(10))  # padded by wrapping to full batches
+    resumed = EpochBatches(10, 2, epoch=1, seed=3, rank=0, world=2, start=2)
+    assert list(resumed) == ranks[0].batches[2:]
+
+
+def test_find_latest_ignores_partial_writes(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint-2").mkdir()
+    ckpt.write_json(tmp_path / "checkpoint-2" / ckpt.STATE_FILE, {"step": 2})
+    (tmp_path / "checkpoint-4").mkdir()  # killed before its state file: incomplete
+    (tmp_path / ".checkpoint-6.tmp").mkdir()
+    assert ckpt.find_latest(tmp_path) == tmp_path / "checkpoint-2"
+    (tmp_path / ckpt.LATEST).write_text("checkpoint-4\n")  # a pointer to an incomplete folder is ignored
+    assert ckpt.find_latest(tmp_path) == tmp_path / "checkpoint-2"
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_few_steps_log_checkpoint_final(riad: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run(riad, out, 4)
+    assert result.step == 4 and result.final_dir == out / "final"
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("lr", "loss", "loss_txt", "loss_bce", "loss_dice", "loss_pbsd"):
+        assert key in rows[0]
+    for key in ("loss", "loss_txt", "loss_pbsd"):
+        assert all(np.isfinite(r[key]) for r in rows)
+    assert any(r["loss_bce"] is not None and r["loss_dice"] is not None for r in rows)
+    assert rows[0]["lr"] > 0
+    assert (out / "latest").read_text().strip() == "checkpoint-4"
+    last = out / "checkpoint-4"
+    names = {p.name for p in last.iterdir()}
+    assert {
+        "model",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "scheduler.json",
+        "trainer_state.json",
+    } <= names
+    assert {"rng_rank0.safetensors", "rank0.json", "dssl_rank0.safetensors"} <= names
+    assert not [p for p in out.rglob("*") if p.suffix in (".pt", ".bin", ".pkl")]
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["config"]["train"]["max_steps"] == 4
+    memory = load_file(str(last / "dssl_rank0.safetensors"))
+    assert "memory.meta" in memory and "generator" in memory
+    model = VMADModel.from_pretrained(out / "final")
+    assert not len(model.aux_modules)
+    trained = weights(last / "model")
+    for key, value in weights(out / "final").items():
+        assert torch.equal(value, trained[key])
+    assert any(k.startswith("aux_modules.pbsd.") for k in trained)
+    with pytest.raises(ConfigError, match="--resume"):  # an existing run is not silently mixed in
+        run(riad, out, 4)
+
+
+def test_stop_and_resume_is_identical(riad: Path, tmp_path: Path) -> None:
+    full = run(riad, tmp_path / "full", 5)
+    part = tmp_path / "part"
+    stopped = run(riad, part, 5, **{"train.stop_after": 3})
+    assert stopped.stopped_early and stopped.step == 3 and stopped.final_dir is None
+    assert ckpt.find_latest(part) == part / "checkpoint-2"
+    resumed = run(riad, part, 5, resume=True)
+    assert resumed.resumed_from == part / "checkpoint-2" and resumed.step == 5
+    assert_identical(weights(full.final_dir), weights(resumed.final_dir))
+    assert_identical(
+        load_file(str(full.output_dir / "checkpoint-5" / "dssl_rank0.safetensors")),
+        load_file(str(part / "checkpoint-5" / "dssl_rank0.safetensors")),
+    )
+    assert_identical(
+        load_file(str(full.output_dir / "checkpoint-5" / "optimizer.safetensors")),
+        load_file(str(part / "checkpoint-5" / "optimizer.safetensors")),
+    )
+    log_full = (full.output_dir / "log.jsonl").read_text().splitlines()
+    log_part = (part / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in log_part] == [1, 2, 3, 4, 5]
+    assert log_full == log_part  # step 3 was logged twice, once before the stop: truncated on resume
+
+
+def test_sigkill_and_resume_is_identical(riad: Path, tmp_path: Path) -> None:
+    full = run(riad, tmp_path / "full", 6)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "vmad", "train", str(TINY)]
+    for item in tiny_overrides(riad, out, 6):
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same arithmetic as this process
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while ckpt.find_latest(out) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    latest = ckpt.find_latest(out)
+    assert latest is not None, err.decode()[-2000:]
+    if proc.returncode != -signal.SIGKILL or int(latest.name.split("-")[1]) >= 6:
+        pytest.skip("the subprocess finished before it could be killed")
+    assert not (out / "final").exists()
+    resumed = run(riad, out, 6, resume=True)
+    assert resumed.resumed_from == latest
+    assert_identical(weights(full.final_dir), weights(resumed.final_dir))
+
+
+def test_cli_train_and_errors(riad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    args = ["train", str(TINY)]
+    for item in tiny_overrides(riad, out, 2, **{"train.dssl": "false"}):
+        args += ["--set", item]
+    assert main(args) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss_pbsd"] is None  # DSSL off
+    assert main([*args, "--set", "train.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key 'train.nope'") and "Traceback" not in err
