@@ -1,11 +1,14 @@
 # Set-up and test commands. `make test` creates .venv if missing, installs vmad with its test extras
-# (CPU torch on a machine without a GPU) and runs the whole suite.
+# (CPU torch on a machine without a GPU) and runs the whole suite. `make demo` uses the same installation and
+# runs `vmad detect` (with answers) on the bundled examples/images, writing masks, overlays, answers and
+# summary.json to demo_output/.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= demo_output
 
-.PHONY: test lint install clean
+.PHONY: test lint install demo clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +24,11 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
+demo: $(VENV)/.installed
+	$(VENV)/bin/vmad detect examples/images --out $(DEMO_OUT) --no-progress
+
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache $(DEMO_OUT)

@@ -16,6 +16,7 @@ from vmad.data.build_riad import BuildConfig, build_riad, select_samples
 from vmad.data.records import ANOMALOUS, NORMAL, Sample
 from vmad.data.riad import annotations_of, rasterize, semantic_mask
 from vmad.data.text import CATEGORIES_BY_NAME, SYNTHETIC_CATEGORY
+from vmad.errors import DataError
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -271,3 +272,96 @@ def test_magnetic_tile_acceptance_small(capsys, shared_data: Path, tmp_path: Pat
         entry = entries[str(s.image_path.relative_to(out / "magnetic_tile"))]
         if s.is_anomalous and "synthetic" not in entry:
             np.testing.assert_array_equal(read_mask(s), read_mask(source[entry["source"]]))
+
+
+# ------------------------------------------------------------------------------------ several sources
+
+
+def _neu_source(root: Path) -> Path:
+    """A NEU-Seg-layout source (class = the folder's name): one 40x40 image per split, class ids 1 and 3."""
+    for split in ("training", "test"):
+        rng = np.random.default_rng(len(split))
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        image = rng.integers(0, 255, (40, 40), dtype=np.uint8)
+        Image.fromarray(image).save(root / "images" / split / "a.jpg")
+        ids = np.zeros((40, 40), np.uint8)
+        ids[2:10, 2:12] = 1
+        ids[25:38, 30:33] = 3
+        Image.fromarray(ids).save(root / "annotations" / split / "a.png")
+    return root
+
+
+def test_two_sources_merge_into_one_root(capsys, tiny_mvtec: Path, tmp_path: Path) -> None:
+    neu = _neu_source(tmp_path / "neu")
+    both = tmp_path / "both"
+    rc, stdout, err = _cli(
+        capsys, "data", "build-riad", "--from", str(tiny_mvtec), "--from", str(neu), "--out", str(both),
+        "--quiet", "--synthetic-per-normal", "2",
+    )  # fmt: skip
+    assert rc == 0 and err == ""
+    assert "from 2 sources" in stdout and "widget: 5 normal" in stdout and "neu: 0 normal" in stdout
+    rc, stdout, _ = _cli(capsys, "data", "inspect", str(both), "--json", "--verify")
+    assert rc == 0 and sorted(json.loads(stdout)["classes"]) == ["neu", "widget"]
+
+    manifest = json.loads((both / "classes.json").read_text())
+    assert sorted(manifest["classes"]) == ["neu", "widget"]
+    assert manifest["builder"]["source_format"] == "mvtec+neu_seg"
+    assert manifest["builder"]["sources"] == [
+        {"path": tiny_mvtec.as_posix(), "format": "mvtec", "classes": ["widget"]},
+        {"path": neu.as_posix(), "format": "neu_seg", "classes": ["neu"]},
+    ]
+    # Each class folder is byte-identical to the one a single-source build writes (sources do not interact).
+    for source, name in ((tiny_mvtec, "widget"), (neu, "neu")):
+        alone = tmp_path / f"alone_{name}"
+        assert _build(capsys, source, alone, "--synthetic-per-normal", "2")[0] == 0
+        assert _files(alone / name) == _files(both / name)
+        single = json.loads((alone / "classes.json").read_text())
+        assert single["classes"][name] == manifest["classes"][name]
+        sources = manifest["builder"]["sources"]
+        assert single["builder"]["sources"] == [s for s in sources if s["classes"] == [name]]
+
+    # The Python API takes a list of paths and per-source formats; same bytes as the CLI build.
+    again = tmp_path / "again"
+    cfg = BuildConfig(synthetic_per_normal=2)
+    summary = build_riad([tiny_mvtec, neu], again, cfg, formats=["mvtec", None])
+    assert [(s.format, s.classes) for s in summary.sources] == [("mvtec", ["widget"]), ("neu_seg", ["neu"])]
+    assert _files(again) == _files(both)
+
+
+def test_two_sources_deterministic_for_a_seed(capsys, tiny_mvtec: Path, tmp_path: Path) -> None:
+    neu = _neu_source(tmp_path / "neu")
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        rc, _, _ = _cli(
+            capsys, "data", "build-riad", "--from", str(tiny_mvtec), "--from", str(neu), "--out",
+            str(tmp_path / name), "--quiet", "--seed", seed, "--format", "mvtec", "--format", "auto",
+        )  # fmt: skip
+        assert rc == 0
+    a, b, c = (_files(tmp_path / n) for n in "abc")
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("case", ["clash", "formats"])
+def test_two_sources_errors_are_one_line(
+    capsys, tiny_mvtec: Path, tmp_path: Path, data_factory, case: str
+) -> None:
+    other = tmp_path / "other_mvtec"  # a second MVTec root that also has a class `widget`
+    for i in range(2):
+        data_factory.write_image(other / "widget" / "train" / "good" / f"{i:03d}.png", seed=50 + i)
+        data_factory.write_image(other / "widget" / "test" / "good" / f"{i:03d}.png", seed=60 + i)
+    data_factory.write_image(other / "gizmo" / "train" / "good" / "000.png", seed=70)
+    data_factory.write_image(other / "gizmo" / "test" / "good" / "000.png", seed=71)
+    out = tmp_path / "riad"
+    extra = ("--format", "mvtec", "--format", "mvtec", "--format", "mvtec") if case == "formats" else ()
+    rc, stdout, err = _cli(
+        capsys, "data", "build-riad", "--from", str(tiny_mvtec), "--from", str(other), "--out", str(out),
+        "--quiet", *extra,
+    )  # fmt: skip
+    assert rc == 2 and stdout == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    if case == "clash":
+        assert "'widget'" in err and str(tiny_mvtec) in err and str(other) in err
+    else:
+        assert "--format given 3 times for 2 --from sources" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    with pytest.raises(DataError, match="class 'widget' is also in source"):
+        build_riad([tiny_mvtec, other], out)

@@ -1,4 +1,5 @@
-"""`vmad data` subcommands: ``inspect`` prints per-class counts of a dataset folder."""
+"""`vmad data` subcommands: ``inspect`` prints per-class counts of a dataset folder; ``build-riad`` writes
+RIAD-format data from one or more datasets."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import json
 
 from vmad.data.dataset import DATA_FORMATS, FORMAT_ALIASES, SPLIT_ORDER, DataOptions, load_dataset
 from vmad.data.folder import FolderConfig
+from vmad.errors import ConfigError
+
+AUTO_FORMAT = "auto"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,20 +72,31 @@ def _inspect(args: argparse.Namespace) -> int:
 def _register_build_riad(actions: argparse._SubParsersAction) -> None:
     build = actions.add_parser(
         "build-riad",
-        help="write a RIAD-format dataset (real + synthetic defects, templated text) from any dataset",
-        description="Write a RIAD-format dataset (docs/riad_format.md) from any dataset the readers support: "
-        "its normal images, its anomalous images with their masks as COCO RLE, K synthetic defects on each "
-        "used normal image, and templated description / impact / suggestion answers. Deterministic for a "
-        "seed; built in OUT.tmp-XXXX and renamed.",
+        help="write a RIAD-format dataset (real + synthetic defects, templated text) from datasets",
+        description="Write a RIAD-format dataset (docs/riad_format.md) from one or more datasets the readers "
+        "support: their normal images, their anomalous images with their masks as COCO RLE, K synthetic "
+        "defects on each used normal image, and templated description / impact / suggestion answers. "
+        "Several --from sources go into one RIAD root (a class name in two sources is an error). "
+        "Deterministic for a seed; built in OUT.tmp-XXXX and renamed.",
     )
-    build.add_argument("--from", dest="source", required=True, metavar="PATH", help="source dataset folder")
+    build.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="source dataset folder (repeat for several sources)",
+    )
     build.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (must not exist or be empty)"
     )
     build.add_argument(
         "--format",
-        choices=sorted(DATA_FORMATS + tuple(FORMAT_ALIASES)),
-        help="source layout (default: detect)",
+        dest="formats",
+        action="append",
+        choices=[AUTO_FORMAT, *sorted(DATA_FORMATS + tuple(FORMAT_ALIASES))],
+        help="source layout (default: detect); once for every source, or once per --from in the same order "
+        f"('{AUTO_FORMAT}' = detect that one)",
     )
     build.add_argument("--split", choices=SPLIT_ORDER, help="use only this source split (default: all)")
     build.add_argument(
@@ -94,6 +109,22 @@ def _register_build_riad(actions: argparse._SubParsersAction) -> None:
     build.set_defaults(func=_build_riad)
 
 
+def source_formats(sources: list[str], formats: list[str] | None) -> list[str | None]:
+    """One format (None = detect) per source from the repeated ``--format`` values: none = detect all, one =
+    the same for all, else exactly one per ``--from`` in order."""
+    values = [None if f == AUTO_FORMAT else f for f in formats or []]
+    if not values:
+        return [None] * len(sources)
+    if len(values) == 1:
+        return values * len(sources)
+    if len(values) != len(sources):
+        raise ConfigError(
+            f"--format given {len(values)} times for {len(sources)} --from sources: give it once (for all) "
+            "or once per --from"
+        )
+    return values
+
+
 def _build_riad(args: argparse.Namespace) -> int:
     from vmad.data.build_riad import BuildConfig, build_riad
 
@@ -102,8 +133,14 @@ def _build_riad(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         seed=args.seed,
         split=args.split,
-        format=args.format,
     )
-    summary = build_riad(args.source, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
+    summary = build_riad(
+        args.sources,
+        args.out,
+        cfg,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        formats=source_formats(args.sources, args.formats),
+    )
     print("\n".join(summary.lines()))
     return 0

@@ -16,9 +16,14 @@ File names: ``images/source/<path in the source>`` (bytes copied for PNG / JPEG,
 and ``images/synthetic/<path without suffix>_s<k>_<kind>.png``. Extra image fields ``source`` and
 ``synthetic`` ({kind, base}) record where an image came from; the reader ignores them.
 
+Several sources (``--from A --from B``, OURS): the classes of every source go into one RIAD root, each
+class read with its own source's layout; a class name present in two sources is a DataError naming both
+(classes are never merged). ``classes.json`` ``builder.sources`` lists every source (path as given, format,
+classes) in the order given; ``protocols`` of RIAD sources are merged by name.
+
 Deterministic: every random choice comes from an RNG seeded by (seed, class, image path, purpose), so the
-output bytes depend only on the source, the options and the seed. Written atomically: built in
-``<out>.tmp-XXXX`` beside ``<out>``, then renamed.
+output bytes depend only on the sources (and their paths as given, recorded in ``classes.json``), the
+options and the seed. Written atomically: built in ``<out>.tmp-XXXX`` beside ``<out>``, then renamed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -93,21 +98,43 @@ class ClassSummary:
 
 
 @dataclass
+class SourceSummary:
+    """One source of a build: its path as given, its detected (or given) format and the classes it gave."""
+
+    path: Path
+    format: str
+    classes: list[str]
+
+    def as_dict(self) -> dict:
+        return {"path": self.path.as_posix(), "format": self.format, "classes": list(self.classes)}
+
+
+@dataclass
 class BuildSummary:
-    """What was written: per class, normal / real anomalous / synthetic image counts and images per split."""
+    """What was written: per class, normal / real anomalous / synthetic image counts and images per split;
+    ``sources``: every source with its format and classes (in the order given)."""
 
     out: Path
     source_format: str
     classes: dict[str, ClassSummary]
+    sources: list[SourceSummary] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        out = [f"wrote {self.out} (RIAD format v{FORMAT_VERSION}, from a {self.source_format} dataset)"]
+        if len(self.sources) <= 1:
+            origin = f"from a {self.source_format} dataset"
+        else:
+            origin = f"from {len(self.sources)} sources"
+        out = [f"wrote {self.out} (RIAD format v{FORMAT_VERSION}, {origin})"]
+        by_class = {name: s for s in self.sources for name in s.classes}
         for name, c in self.classes.items():
             splits = ", ".join(f"{s} {n}" for s, n in c.splits.items())
-            out.append(
+            line = (
                 f"  {name}: {c.normal} normal, {c.anomalous} real anomalous, {c.synthetic} synthetic "
                 f"({splits})"
             )
+            if len(self.sources) > 1 and name in by_class:
+                line += f"  [{by_class[name].format}: {by_class[name].path}]"
+            out.append(line)
         return out
 
 
@@ -319,14 +346,25 @@ def _write_json(path: Path, data: dict) -> None:
 # -------------------------------------------------------------------------------------------- driver
 
 
-def _check_out(out: Path, source: Path, overwrite: bool) -> None:
+@dataclass
+class _Source:
+    """One source dataset of a build: its path as given, the dataset and the samples chosen per class."""
+
+    path: Path
+    dataset: AnomalyDataset
+    chosen: dict[str, list[Sample]]
+
+
+def _check_out(out: Path, sources: Sequence[Path], overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DataError(out, "folder exists and is not empty (pass --overwrite to replace it)")
-    src, dst = source.resolve(), out.resolve()
-    if src == dst or src in dst.parents or dst in src.parents:
-        raise DataError(out, f"output folder overlaps the source {source}")
+    dst = out.resolve()
+    for source in sources:
+        src = source.resolve()
+        if src == dst or src in dst.parents or dst in src.parents:
+            raise DataError(out, f"output folder overlaps the source {source}")
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -348,31 +386,87 @@ def _class_kinds(cfg: BuildConfig, class_name: str) -> list[str]:
     return kinds
 
 
+def _source_list(
+    source: str | Path | Sequence[str | Path], formats: Sequence[str | None] | None, cfg: BuildConfig
+) -> list[tuple[Path, str | None]]:
+    """``[(path, format or None = detect)]``: one path or a list; ``formats`` None = ``cfg.format`` for all,
+    else one entry per source."""
+    paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
+    if not paths:
+        raise ConfigError("build-riad needs at least one source (--from PATH)")
+    if formats is None:
+        return [(p, cfg.format) for p in paths]
+    if len(formats) != len(paths):
+        raise ConfigError(f"{len(formats)} source formats given for {len(paths)} sources (one per source)")
+    return list(zip(paths, formats, strict=True))
+
+
+def _load_source(path: Path, fmt: str | None, cfg: BuildConfig, options: DataOptions | None) -> _Source:
+    dataset: AnomalyDataset = load_dataset(path, fmt, options)
+    if cfg.split is not None and cfg.split not in dataset.splits():
+        raise DataError(path, f"no {cfg.split} split (splits: {', '.join(dataset.splits())})")
+    chosen = {
+        name: select_samples(dataset.select(name, cfg.split), cfg.max_images, cfg.seed, dataset.root)
+        for name in dataset.class_names()
+    }
+    return _Source(path, dataset, {name: samples for name, samples in chosen.items() if samples})
+
+
+def _check_clashes(sources: list[_Source]) -> None:
+    """Every class is written by exactly one source: a class name in two sources is a DataError."""
+    owner: dict[str, Path] = {}
+    for src in sources:
+        for name in src.chosen:
+            if name in owner:
+                raise DataError(
+                    src.path,
+                    f"class {name!r} is also in source {owner[name]}: class names must be unique across "
+                    "sources (build the two separately or rename one class folder)",
+                )
+            owner[name] = src.path
+
+
+def _merged_protocols(sources: list[_Source]) -> dict | None:
+    """The ``protocols`` of RIAD sources, merged by name; one name with two different values is an error."""
+    merged: dict = {}
+    origin: dict[str, Path] = {}
+    for src in sources:
+        protocols = src.dataset.meta.get("protocols")
+        if not isinstance(protocols, dict):
+            continue
+        for name, value in protocols.items():
+            if name in merged and merged[name] != value:
+                raise DataError(src.path, f"protocol {name!r} differs from the one in source {origin[name]}")
+            merged[name], origin[name] = value, src.path
+    return merged or None
+
+
 def build_riad(
-    source: str | Path,
+    source: str | Path | Sequence[str | Path],
     out: str | Path,
     cfg: BuildConfig | None = None,
     overwrite: bool = False,
     progress: bool = False,
     options: DataOptions | None = None,
+    formats: Sequence[str | None] | None = None,
 ) -> BuildSummary:
-    """Read ``source`` (any supported layout), write a RIAD dataset to ``out`` and return what it holds.
-    A non-empty ``out`` is refused unless ``overwrite``; a failure leaves ``out`` untouched."""
+    """Read ``source`` (one dataset folder, or a list of them, any supported layouts), write one RIAD
+    dataset holding the classes of every source to ``out`` and return what it holds.
+
+    ``formats``: one layout per source (None entries = detect); None = ``cfg.format`` for every source.
+    A class name found in two sources is a DataError naming both. A non-empty ``out`` is refused unless
+    ``overwrite``; a failure leaves ``out`` untouched."""
     cfg = cfg or BuildConfig()
-    source, out = Path(source), Path(out)
-    _check_out(out, source, overwrite)
-    dataset: AnomalyDataset = load_dataset(source, cfg.format, options)
-    if cfg.split is not None and cfg.split not in dataset.splits():
-        raise DataError(source, f"no {cfg.split} split (splits: {', '.join(dataset.splits())})")
-    chosen = {
-        name: select_samples(dataset.select(name, cfg.split), cfg.max_images, cfg.seed, dataset.root)
-        for name in dataset.class_names()
-    }
-    chosen = {name: samples for name, samples in chosen.items() if samples}
+    out = Path(out)
+    pairs = _source_list(source, formats, cfg)
+    _check_out(out, [p for p, _ in pairs], overwrite)
+    sources = [_load_source(path, fmt, cfg, options) for path, fmt in pairs]
+    _check_clashes(sources)
+    protocols = _merged_protocols(sources)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
-        summary = _build(dataset, chosen, tmp, cfg, progress)
+        summary = _build(sources, protocols, tmp, cfg, progress)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -381,50 +475,55 @@ def build_riad(
     return summary
 
 
+def _build_class(
+    name: str, samples: list[Sample], dataset: AnomalyDataset, class_dir: Path, cfg: BuildConfig, bar: tqdm
+) -> tuple[ClassSummary, str]:
+    """Write one class folder; return its counts and its normal description."""
+    kinds = _class_kinds(cfg, name)
+    entries: list[_Entry] = []
+    c = ClassSummary()
+    n_synth = 0
+    for sample in sorted(samples, key=lambda s: str(_rel(s, dataset.root))):
+        entry = _source_entry(sample, dataset.format, dataset.root, class_dir, cfg)
+        entries.append(entry)
+        if sample.is_anomalous:
+            c.anomalous += 1
+        else:
+            c.normal += 1
+            ks = [kinds[(n_synth + k) % len(kinds)] for k in range(cfg.synthetic_per_normal)]
+            n_synth += len(ks)
+            entries += _synthetic_entries(sample, entry.file_name, dataset.root, class_dir, cfg, ks)
+        bar.update(1)
+    c.synthetic = n_synth
+    for split in SPLIT_ORDER:
+        in_split = [e for e in entries if e.split == split]
+        if in_split:
+            c.splits[split] = len(in_split)
+            _write_json(annotations_file(class_dir, split), _coco(in_split))
+    description = next((s.normal_description for s in samples if s.normal_description), None)
+    return c, description or normal_description(name, seeded_rng(cfg.seed, name, "normal"))
+
+
 def _build(
-    dataset: AnomalyDataset, chosen: dict[str, list[Sample]], tmp: Path, cfg: BuildConfig, progress: bool
+    sources: list[_Source], protocols: dict | None, tmp: Path, cfg: BuildConfig, progress: bool
 ) -> BuildSummary:
     manifest_classes: dict[str, dict] = {}
-    summary = BuildSummary(tmp, dataset.format, {})
-    bar = tqdm(
-        total=sum(len(s) for s in chosen.values()), desc="build-riad", unit="img", disable=not progress
-    )
-    with bar:
-        for name, samples in chosen.items():
-            class_dir = tmp / name
-            kinds = _class_kinds(cfg, name)
-            entries: list[_Entry] = []
-            c = ClassSummary()
-            n_synth = 0
-            for sample in sorted(samples, key=lambda s: str(_rel(s, dataset.root))):
-                entry = _source_entry(sample, dataset.format, dataset.root, class_dir, cfg)
-                entries.append(entry)
-                if sample.is_anomalous:
-                    c.anomalous += 1
-                else:
-                    c.normal += 1
-                    ks = [kinds[(n_synth + k) % len(kinds)] for k in range(cfg.synthetic_per_normal)]
-                    n_synth += len(ks)
-                    entries += _synthetic_entries(sample, entry.file_name, dataset.root, class_dir, cfg, ks)
-                bar.update(1)
-            c.synthetic = n_synth
-            for split in SPLIT_ORDER:
-                in_split = [e for e in entries if e.split == split]
-                if in_split:
-                    c.splits[split] = len(in_split)
-                    _write_json(annotations_file(class_dir, split), _coco(in_split))
-            description = next((s.normal_description for s in samples if s.normal_description), None)
-            manifest_classes[name] = {
-                "normal_description": description
-                or normal_description(name, seeded_rng(cfg.seed, name, "normal"))
-            }
-            summary.classes[name] = c
+    summary = BuildSummary(tmp, _format_label(sources), {})
+    total = sum(len(s) for src in sources for s in src.chosen.values())
+    with tqdm(total=total, desc="build-riad", unit="img", disable=not progress) as bar:
+        for src in sources:
+            summary.sources.append(SourceSummary(src.path, src.dataset.format, list(src.chosen)))
+            for name, samples in src.chosen.items():
+                c, description = _build_class(name, samples, src.dataset, tmp / name, cfg, bar)
+                manifest_classes[name] = {"normal_description": description}
+                summary.classes[name] = c
     manifest = {
         "format": "riad",
         "version": FORMAT_VERSION,
         "classes": manifest_classes,
         "builder": {
-            "source_format": dataset.format,
+            "source_format": summary.source_format,
+            "sources": [s.as_dict() for s in summary.sources],
             "seed": cfg.seed,
             "synthetic_per_normal": cfg.synthetic_per_normal,
             "max_images": cfg.max_images,
@@ -432,7 +531,12 @@ def _build(
             "synthetic_kinds": list(cfg.synth.kinds),
         },
     }
-    if isinstance(dataset.meta.get("protocols"), dict):
-        manifest["protocols"] = dataset.meta["protocols"]
+    if protocols is not None:
+        manifest["protocols"] = protocols
     _write_json(tmp / MANIFEST, manifest)
     return summary
+
+
+def _format_label(sources: list[_Source]) -> str:
+    """The source format, or the distinct formats joined by ``+`` (source order) for mixed sources."""
+    return "+".join(dict.fromkeys(src.dataset.format for src in sources))
