@@ -58,6 +58,12 @@ def _summary(args: argparse.Namespace) -> int:
     model = build_vmad(args.preset, random_weights=args.random_weights, **_paths(args))
     info = model.summary()
     info["random_weights"] = bool(args.random_weights)
+    if args.random_weights and args.preset != "tiny":
+        # The real tokenizer is not read in this mode (an in-code one stands in), so the ids of the added
+        # tokens would not be the real model's: leave them out rather than report wrong ones.
+        for key in ("new_tokens", "seg_token_id", "image_token_id"):
+            info[key] = None
+        info["note"] = "random weights: shapes and parameter counts only; token ids need the real tokenizer"
     info["build_seconds"] = round(time.perf_counter() - start, 2)
     if args.json:
         print(json.dumps(info, indent=2))
