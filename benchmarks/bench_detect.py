@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import machine_description  # benchmarks/_machine.py
 
 from vmad.data import load_dataset
 from vmad.errors import DataError, VMADError
@@ -35,17 +35,6 @@ from vmad.errors import DataError, VMADError
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    system = f"{platform.system()} {platform.release()}"
-    return f"{system}, {cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
 
 
 def _load_average() -> str:
@@ -140,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             f"## Segmentation-only `vmad detect`: {args.model} on {args.path.name} ({len(files)} images)",
             "",
             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-            f"- machine: {_machine()}; load average at start: {load_avg_start}",
+            f"- machine: {machine_description()}; load average at start: {load_avg_start}",
             f"- software: torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}",
             f"- model: `{args.model}` ({preset} preset, weights `{weights}`)",
             f"- images: {len(files)} from `{args.path}` ({what}); {args.warmup} warm-up run(s) on the first "

@@ -13,27 +13,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _machine import machine_description  # benchmarks/_machine.py
+
 SETS = ("mvtec_ad/bottle", "magnetic_tile", "mpdd_metal_plate", "neu_seg")
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    system = f"{platform.system()} {platform.release()}"
-    return f"{system}, {cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
 
 
 def _time_inspect(path: Path, verify: bool) -> tuple[float, dict]:
@@ -81,7 +70,7 @@ def main() -> int:
             f"## `vmad data inspect` on the four real sets{' (--verify)' if args.verify else ''}",
             "",
             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-            f"- machine: {_machine()}",
+            f"- machine: {machine_description()}",
             f"- command: `{command} --repeat {args.repeat}` (one `python -m vmad data inspect PATH --json` "
             "process per set and run)",
             "",

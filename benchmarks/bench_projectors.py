@@ -19,7 +19,6 @@ import argparse
 import datetime
 import inspect
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _machine import machine_description  # benchmarks/_machine.py
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from vmad.model.projectors import ProjectorConfig, build_projector, table_v_variants  # noqa: E402
@@ -248,16 +248,6 @@ def fmt_load(load: tuple[float, float, float]) -> str:
     return "/".join(f"{x:.1f}" for x in load)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
 
 
 def write_report(args: argparse.Namespace, rows: list[dict], table: str, llm: LLMBench | None) -> None:
@@ -270,8 +260,8 @@ def write_report(args: argparse.Namespace, rows: list[dict], table: str, llm: LL
         "# Projector benchmark (Table V analogue, CPU)",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {machine()}; torch {torch.__version__} with {torch.get_num_threads()} threads,"
-        f" transformers {transformers.__version__}",
+        f"- machine: {machine_description()}; torch {torch.__version__}"
+        f" with {torch.get_num_threads()} threads, transformers {transformers.__version__}",
         f"- command: `{cmd}`",
         f"- inputs: random features, last layer C={IN_DIM} on a {args.grid}x{args.grid} grid, levels "
         f"{LEVEL_DIMS} channels, LLM width {LLM_DIM}; batch 1; projector weights random"
