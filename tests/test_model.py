@@ -143,6 +143,40 @@ def test_load_rejects_mismatched_checkpoint(tmp_path: Path) -> None:
         other.load_trainable(folder)
 
 
+def test_inference_load_skips_unattached_training_aux_modules(tmp_path: Path) -> None:
+    """A training checkpoint carries DSSL-style aux heads; an inference model without them still loads it
+    (the aux weights are skipped) and gives the trained outputs, while other mismatches stay errors."""
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, context: dict) -> dict:
+            return {}
+
+    trained = build_vmad("tiny")
+    trained.attach_aux("pbsd", Head())
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in trained.mask_decoder.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    folder = trained.save_trainable(tmp_path / "ckpt")
+    from safetensors.torch import load_file
+
+    assert any(k.startswith("aux_modules.pbsd.") for k in load_file(str(folder / "model.safetensors")))
+    images = torch.rand(1, 3, 64, 64, generator=g)
+    loaded = VMADModel.from_pretrained(folder)
+    assert "pbsd" not in loaded.aux_modules
+    with torch.no_grad():
+        assert torch.equal(loaded.segment(images, SEG_Q).probs, trained.segment(images, SEG_Q).probs)
+    other = build_vmad("tiny")
+    other.attach_aux("pbsd", torch.nn.Linear(2, 2))  # attached but different: still an error
+    with pytest.raises(VMADError, match="does not match"):
+        other.load_trainable(folder)
+
+
 def _force_logits(model: VMADModel, monkeypatch: pytest.MonkeyPatch, tokens: list[int]) -> None:
     """Make greedy decoding emit ``tokens`` (one per decoding step) whatever the weights."""
     original = model.logits

@@ -507,7 +507,7 @@ class VMADModel(nn.Module):
 
     def load_trainable(self, path: str | Path) -> None:
         """Load :meth:`save_trainable`'s weights onto this (freshly built) model; every trained key must
-        match."""
+        match, except the weights of auxiliary training modules that this model has not attached."""
         from safetensors.torch import load_file
 
         folder = Path(path)
@@ -519,6 +519,12 @@ class VMADModel(nn.Module):
             )
         state = load_file(str(folder / WEIGHTS_NAME), device=str(self.device))
         expected = set(self.trainable_state_dict())
+        # Training-only auxiliary modules (DSSL heads) that are not attached to this model are not needed
+        # for inference: their weights are skipped; attached ones must match exactly like everything else.
+        attached = tuple(f"aux_modules.{name}." for name in self.aux_modules)
+        state = {
+            k: v for k, v in state.items() if not k.startswith("aux_modules.") or k.startswith(attached)
+        }
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise VMADError(
