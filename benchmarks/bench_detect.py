@@ -124,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"per image (s): median {median:.3f}  mean {mean:.3f}  p90 {p90:.3f}  "
           f"min {min(times):.3f}  max {max(times):.3f}  total {sum(times):.1f}")
     if args.out:
+        repo = Path(__file__).resolve().parents[1]
+
+        def shown(p: Path) -> str:  # paths relative to the repository, never this machine's absolute ones
+            return os.path.relpath(Path(p).resolve(), repo)
+
         command = "python benchmarks/bench_detect.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         lines = [
             f"## Segmentation-only `vmad detect`: {args.model} on {args.path.name} ({len(files)} images)",
@@ -131,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
             f"- machine: {machine_description()}; load average at start: {load_avg_start}",
             f"- software: torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}",
-            f"- model: `{args.model}` ({preset} preset, weights `{weights}`)",
-            f"- images: {len(files)} from `{args.path}` ({what}); {args.warmup} warm-up run(s) on the first "
-            "image not counted",
+            f"- model: `{args.model}` ({preset} preset, weights `{shown(weights)}`)",
+            f"- images: {len(files)} from `{shown(args.path)}` ({what}); {args.warmup} warm-up run(s) on the "
+            "first image not counted",
             f"- command: `{command.strip()}`",
             "- timed per image: `Detector.detect(path, answer=False)` (read + decode, segmentation-only "
             "question, one forward, mask and score at the input size); the model loaded once",

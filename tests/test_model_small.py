@@ -74,3 +74,21 @@ def test_small_preset_summary_and_segment(smol_cache: Path) -> None:
     result = model.segment(torch.rand(1, 3, 200, 300), "Are there any abnormalities present in the screw?")
     assert tuple(result.probs.shape) == (1, 200, 300)
     assert torch.isfinite(result.probs).all() and 0 <= float(result.scores[0]) <= 1
+
+
+def test_packaged_small_weights_segment_and_answer(smol_cache: Path) -> None:
+    """The weights shipped in the package load offline and give a mask of the input's size, a score in
+    [0, 1] and a non-empty answer on a bundled example image."""
+    from vmad.data import read_image
+    from vmad.infer.detector import Detector, packaged_weights_dir
+
+    if not (packaged_weights_dir("small") / "model.safetensors").is_file():
+        pytest.skip("packaged small weights are not installed")
+    image_path = Path(__file__).resolve().parents[1] / "examples" / "images" / "gravel_contamination.png"
+    image = read_image(image_path)
+    detector = Detector.from_pretrained("small")
+    seg = detector.detect(image, answer=False)[0]
+    assert seg.mask.shape == image.shape[:2] and seg.probability_map.shape == image.shape[:2]
+    assert 0.0 <= seg.anomaly_score <= 1.0
+    ans = detector.detect(image, answer=True, max_new_tokens=24)[0]
+    assert ans.answer and ans.answer.strip()

@@ -1,0 +1,90 @@
+"""VMAD-small and MuSc side by side, zero-shot, on the same images (issue 6 point 5).
+
+Runs both scorers through the same evaluation engine (`vmad.eval.evaluate`, defaults of `vmad eval`) on the
+test split of each dataset, writes each run's results.json / results.md under --out-dir and one side-by-side
+Markdown table (with machine, date and command) to --out.
+
+    python benchmarks/compare_small_musc.py --model small --out benchmarks/results/small_vs_musc.md \
+        --out-dir /tmp/small_vs_musc
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+from pathlib import Path
+
+from _machine import machine_description  # benchmarks/_machine.py
+
+from vmad.baselines import build_baseline
+from vmad.data import load_dataset
+from vmad.eval import evaluate
+from vmad.eval.tables import pct, secs
+from vmad.infer.detector import build_scorer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# (dataset folder under ../shared/data, at most this many test images per class: None = all). Large test
+# splits are subsampled evenly over the class (the engine's rule) to keep MuSc's N^2 cost bounded on 2 cores.
+DEFAULT_SETS: tuple[tuple[str, int | None], ...] = (
+    ("mvtec_ad/bottle", None),
+    ("mpdd_metal_plate", None),
+    ("magnetic_tile", 140),
+    ("neu_seg", 150),
+)
+KEYS = (("image_auroc", "Img AUROC"), ("pixel_auroc", "Pixel AUROC"), ("aupro", "AUPRO"),
+        ("image_ap", "Img AP"), ("pixel_ap", "Pixel AP"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="small", help="VMAD weights: small or a checkpoint folder")
+    parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
+    parser.add_argument("--out-dir", type=Path, required=True, help="folder for the per-run results")
+    parser.add_argument("--sets", nargs="*", help="dataset[:max_per_class] under ../shared/data")
+    args = parser.parse_args()
+    sets = DEFAULT_SETS
+    if args.sets:
+        sets = tuple((s.split(":")[0], int(s.split(":")[1]) if ":" in s else None) for s in args.sets)
+    if not SHARED.is_dir():
+        print(f"skip: {SHARED} is absent", file=sys.stderr)
+        return 0
+    scorers = {"VMAD-small": build_scorer(args.model), "MuSc": build_baseline("musc")}
+    rows = []
+    for name, cap in sets:
+        dataset = load_dataset(SHARED / name)
+        for method, scorer in scorers.items():
+            out = args.out_dir / method / name.replace("/", "_")
+            res = evaluate(scorer, [dataset], split="test", out_dir=out, max_per_class=cap, progress=False)
+            mean = res.results["mean"]
+            n = sum(c["n_normal"] + c["n_anomalous"] for c in res.results["classes"].values())
+            cells = [name, method, str(n)] + [pct(mean.get(k)) for k, _ in KEYS]
+            cells.append(secs(res.results["timing"].get("model_s_per_image")))
+            rows.append("| " + " | ".join(cells) + " |")
+            print(rows[-1], flush=True)
+    head = ["Data (test split)", "Method", "images"] + [h for _, h in KEYS] + ["s/img model"]
+    text = [
+        "# VMAD-small vs MuSc on the same images (bottle: zero-shot for both)",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {machine_description()}, no GPU",
+        f"- command: `python {shlex.join(sys.argv)}`",
+        f"- VMAD weights: `{args.model}`; MuSc: `MuScConfig` defaults (EfficientNet-Lite0)",
+        "- engine: `vmad eval` defaults (bilinear resize to each mask, Gaussian sigma 4 mask px); large test",
+        "  splits capped per class, evenly spaced: " + ", ".join(f"{n} {c or 'all'}" for n, c in sets),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|---|" + "---:|" * (len(head) - 2),
+        *rows,
+        "",
+        "Values in percent; – = undefined (NEU-Seg has no normal image).",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(text) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
