@@ -8,10 +8,11 @@ holds the ``model:`` section written by :meth:`VMADConfig.to_dict` for each pres
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmad.config import from_mapping
 from vmad.errors import ConfigError
 from vmad.model.projectors import ProjectorConfig
 
@@ -257,17 +258,8 @@ class VMADConfig:
             "loss": LossConfig,
             "score": ScoreConfig,
         }
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {unknown}")
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in parts:
-                kwargs[key] = _part(parts[key], value or {}, key)
-            else:
-                kwargs[key] = value
-        return cls(**kwargs).validate()
+        kwargs = {k: _part(parts[k], v or {}, k) if k in parts else v for k, v in data.items()}
+        return from_mapping(cls, kwargs, "model").validate()
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> VMADConfig:
@@ -288,8 +280,4 @@ def _part(cls: type, data: Any, name: str) -> Any:
         raise ConfigError(f"model.{name} must be a mapping, got {type(data).__name__}")
     if hasattr(cls, "from_dict"):
         return cls.from_dict(data)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown model.{name} keys: {unknown}")
-    return cls(**dict(data))
+    return from_mapping(cls, data, f"model.{name}")

@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vmad.config import from_mapping
 from vmad.errors import ConfigError
 from vmad.model.roi import crop_patches, roi_tokens
 
@@ -123,11 +124,7 @@ class DSSLConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DSSLConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown dssl config keys: {unknown}")
-        return cls(**dict(data))
+        return from_mapping(cls, data, "dssl")
 
 
 def sample_boxes(

@@ -18,13 +18,14 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vmad.config import from_mapping
 from vmad.errors import ConfigError
 from vmad.model.deformable import grid_reference_points
 
@@ -106,11 +107,7 @@ class ProjectorConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProjectorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown projector config keys: {unknown}")
-        return cls(**dict(data))
+        return from_mapping(cls, data, "projector")
 
 
 def grid_side(num_tokens: int) -> int:
