@@ -1,5 +1,5 @@
 """`vmad data` subcommands: ``inspect`` prints per-class counts of a dataset folder; ``build-riad`` writes
-RIAD-format data from one or more datasets."""
+RIAD-format data from one or more datasets; ``make-procedural`` writes defect-free procedural images."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     inspect.set_defaults(func=_inspect)
     _register_build_riad(actions)
+    _register_make_procedural(actions)
     parser.set_defaults(func=lambda args: _usage(parser))
 
 
@@ -107,6 +108,34 @@ def _register_build_riad(actions: argparse._SubParsersAction) -> None:
     build.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=_build_riad)
+
+
+def _register_make_procedural(actions: argparse._SubParsersAction) -> None:
+    make = actions.add_parser(
+        "make-procedural",
+        help="write defect-free procedural surfaces and parts (folder format) for build-riad",
+        description="Write COUNT procedural textured surfaces and COUNT textured parts on a plain background "
+        "(classes 'surface' and 'part', train split, folder format) as extra normal images on which "
+        "build-riad paints synthetic defects. Deterministic for a seed; built in OUT.tmp-XXXX and renamed.",
+    )
+    make.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder (must not exist or be empty)"
+    )
+    make.add_argument("--count", type=int, default=200, help="images per class (default 200)")
+    make.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    make.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    make.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    make.add_argument("--quiet", action="store_true", help="no progress bar")
+    make.set_defaults(func=_make_procedural)
+
+
+def _make_procedural(args: argparse.Namespace) -> int:
+    from vmad.data.procedural import CLASSES, ProceduralConfig, write_procedural
+
+    cfg = ProceduralConfig(count=args.count, size=args.size, seed=args.seed)
+    out = write_procedural(args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {cfg.count} images of {cfg.size}x{cfg.size} px per class ({', '.join(CLASSES)}) to {out}")
+    return 0
 
 
 def source_formats(sources: list[str], formats: list[str] | None) -> list[str | None]:

@@ -355,7 +355,7 @@ class _Source:
     chosen: dict[str, list[Sample]]
 
 
-def _check_out(out: Path, sources: Sequence[Path], overwrite: bool) -> None:
+def check_output_dir(out: Path, sources: Sequence[Path], overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -367,7 +367,7 @@ def _check_out(out: Path, sources: Sequence[Path], overwrite: bool) -> None:
             raise DataError(out, f"output folder overlaps the source {source}")
 
 
-def _replace(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
@@ -459,7 +459,7 @@ def build_riad(
     cfg = cfg or BuildConfig()
     out = Path(out)
     pairs = _source_list(source, formats, cfg)
-    _check_out(out, [p for p, _ in pairs], overwrite)
+    check_output_dir(out, [p for p, _ in pairs], overwrite)
     sources = [_load_source(path, fmt, cfg, options) for path, fmt in pairs]
     _check_clashes(sources)
     protocols = _merged_protocols(sources)
@@ -467,7 +467,7 @@ def build_riad(
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
         summary = _build(sources, protocols, tmp, cfg, progress)
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
