@@ -455,3 +455,12 @@ def test_export_merges_lora_into_a_standalone_lm(tmp_path: Path, capsys: pytest.
         h = model.base_lm().model(inputs_embeds=model.embed_tokens(ids)).last_hidden_state
         torch.testing.assert_close(lm(input_ids=ids).logits, model.logits(h), atol=1e-5, rtol=1e-5)
     assert (tmp_path / "out" / "vmad" / "model.safetensors").is_file()
+
+
+def test_lora_build_does_not_print_the_peft_deprecation_warning() -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_vmad("tiny")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +165,9 @@ class VMADModel(nn.Module):
                 target_modules=list(config.lora.target_modules),
                 bias="none",
             )
-            llm = get_peft_model(llm, lora)
+            with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5
+                warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+                llm = get_peft_model(llm, lora)
         self.llm = llm
 
     # ----------------------------------------------------------------- parts
