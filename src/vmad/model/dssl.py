@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from vmad.config import from_mapping
 from vmad.errors import ConfigError
 from vmad.model.roi import crop_patches, roi_tokens
+from vmad.tensor_io import save_safetensors
 
 PATCH_TOKEN_MODES = ("crop", "roi")
 
@@ -333,10 +334,8 @@ class DSSLMemory:
 
     def save(self, path: str) -> None:
         """Write the state as a safetensors file (metadata JSON also in the file header)."""
-        from safetensors.torch import save_file
-
         state = self.state_dict()
-        save_file(state, path, metadata={"dssl_memory": bytes(state["meta"].tolist()).decode()})
+        save_safetensors(path, state, metadata={"dssl_memory": bytes(state["meta"].tolist()).decode()})
 
     def load(self, path: str, device: torch.device | str | None = None) -> None:
         from safetensors.torch import load_file

@@ -31,6 +31,7 @@ from vmad.model.config import ScoreConfig, VMADConfig
 from vmad.model.llm import IGNORE_INDEX, PromptLayout, add_vmad_tokens, tokenize_dialogues
 from vmad.model.mask_decoder import bce_loss, dice_loss
 from vmad.model.vision import tokens_to_maps
+from vmad.tensor_io import save_safetensors
 
 TRAINABLE_FORMAT = "vmad-trainable"
 WEIGHTS_NAME = "model.safetensors"
@@ -491,12 +492,10 @@ class VMADModel(nn.Module):
 
     def save_trainable(self, path: str | Path) -> Path:
         """Write ``model.safetensors`` (trained parts) and ``config.json`` to folder ``path``."""
-        from safetensors.torch import save_file
-
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(folder / WEIGHTS_NAME, state, metadata={"format": "pt"})
         meta = {
             "format": TRAINABLE_FORMAT,
             "version": 1,

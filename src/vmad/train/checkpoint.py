@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vmad.tensor_io import save_safetensors
+
 PREFIX = "checkpoint-"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -65,11 +67,7 @@ def read_json(path: Path) -> Any:
 
 
 def save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+    save_safetensors(path, tensors)
 
 
 def load_tensors(path: Path) -> dict[str, Tensor]:
