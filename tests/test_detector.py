@@ -14,7 +14,7 @@ from vmad.cli import main
 from vmad.data.prompts import SEG_QUESTION
 from vmad.errors import ConfigError, VMADError
 from vmad.infer import detector as detector_mod
-from vmad.infer.detector import Detector, DetectorConfig, build_scorer, resolve_model_path
+from vmad.infer.detector import Detection, Detector, DetectorConfig, build_scorer, resolve_model_path
 from vmad.infer.render import heat_colors, mask_contour, overlay, save_png
 from vmad.model.build import build_vmad
 from vmad.model.llm import PromptLayout
@@ -267,3 +267,17 @@ def test_save_png_is_atomic_and_round_trips(tmp_path):
     with pytest.raises(ValueError):
         save_png(tmp_path / "f.png", np.zeros((3, 3), dtype=np.float32))
     assert not (tmp_path / "f.png").exists()
+
+
+def test_mask_description_is_computed_from_the_mask():
+    mask = np.zeros((90, 90), dtype=bool)
+    empty = Detection(0.1, mask.copy(), np.zeros((90, 90), np.float32))
+    assert empty.mask_description == "The mask is empty: no pixel is above the threshold."
+    mask[5:15, 70:85] = True  # upper right, 15 x 10 px
+    mask[70:80, 2:6] = True  # lower left
+    det = Detection(0.9, mask, mask.astype(np.float32))
+    assert det.mask_description == (
+        "The mask marks two regions at the upper right and the lower left "
+        "(about 83 x 75 px, 2.3 % of the image)."
+    )
+    assert det.summary()["mask_description"] == det.mask_description

@@ -40,7 +40,7 @@ from PIL import Image
 
 from vmad.data.io import read_image, to_rgb_array
 from vmad.data.prompts import QUERY_TYPES, SEG_ANSWER_QUESTION, SEG_QUESTION
-from vmad.data.text import object_name
+from vmad.data.text import describe_location, describe_size, mask_facts, number_word, object_name
 from vmad.errors import ConfigError, VMADError
 from vmad.eval.scorer import ScoreOutput
 from vmad.model.vmad import CONFIG_NAME, WEIGHTS_NAME, VMADModel
@@ -117,6 +117,16 @@ class Detection:
         """(H, W) of the input image."""
         return tuple(self.mask.shape)  # type: ignore[return-value]
 
+    @property
+    def mask_description(self) -> str:
+        """What the predicted mask shows, computed from the mask alone (not the LLM's words): regions
+        (8-connected), where on a 3x3 grid, and their extent."""
+        facts = mask_facts(self.mask)
+        if facts is None:
+            return "The mask is empty: no pixel is above the threshold."
+        regions = "one region" if facts.count == 1 else f"{number_word(facts.count)} regions"
+        return f"The mask marks {regions} at {describe_location(facts)} ({describe_size(facts)})."
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready fields (no arrays)."""
         return {
@@ -128,6 +138,7 @@ class Detection:
             "mask_from": self.mask_from,
             "question": self.question,
             "answer": self.answer,
+            "mask_description": self.mask_description,
         }
 
 
