@@ -33,7 +33,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -367,6 +368,20 @@ def check_output_dir(out: Path, sources: Sequence[Path], overwrite: bool) -> Non
             raise DataError(out, f"output folder overlaps the source {source}")
 
 
+@contextmanager
+def output_dir_in_place(out: Path) -> Iterator[Path]:
+    """Yield a fresh ``<out>.tmp-XXXX`` folder beside ``out``; on success it replaces ``out`` (atomic
+    rename), on any failure it is removed and ``out`` is left untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
@@ -463,14 +478,8 @@ def build_riad(
     sources = [_load_source(path, fmt, cfg, options) for path, fmt in pairs]
     _check_clashes(sources)
     protocols = _merged_protocols(sources)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    try:
+    with output_dir_in_place(out) as tmp:
         summary = _build(sources, protocols, tmp, cfg, progress)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary.out = out
     return summary
 

@@ -13,8 +13,6 @@ object), each ``<class>/train/images/NNNNN.png``. Deterministic for a seed; writ
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from vmad.data.build_riad import check_output_dir, output_dir_in_place, seeded_rng
 from vmad.errors import ConfigError
 
 CLASSES: tuple[str, ...] = ("surface", "part")
@@ -214,23 +213,17 @@ def write_procedural(
     out: str | Path, cfg: ProceduralConfig, overwrite: bool = False, progress: bool = False
 ) -> Path:
     """Write ``cfg.count`` images per class of :data:`CLASSES` to ``out`` (folder format, ``train`` split)."""
-    from vmad.data.build_riad import check_output_dir, replace_dir, seeded_rng
-
     out = Path(out)
     check_output_dir(out, [], overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    try:
-        with tqdm(total=cfg.count * len(CLASSES), disable=not progress, desc="procedural") as bar:
-            for name in CLASSES:
-                folder = tmp / name / "train" / "images"
-                folder.mkdir(parents=True)
-                for i in range(cfg.count):
-                    image = _IMAGE_FNS[name](seeded_rng(cfg.seed, name, i, cfg.size), cfg)
-                    Image.fromarray(image).save(folder / f"{i:05d}.png")
-                    bar.update()
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with (
+        output_dir_in_place(out) as tmp,
+        tqdm(total=cfg.count * len(CLASSES), disable=not progress, desc="procedural") as bar,
+    ):
+        for name in CLASSES:
+            folder = tmp / name / "train" / "images"
+            folder.mkdir(parents=True)
+            for i in range(cfg.count):
+                image = _IMAGE_FNS[name](seeded_rng(cfg.seed, name, i, cfg.size), cfg)
+                Image.fromarray(image).save(folder / f"{i:05d}.png")
+                bar.update()
     return out

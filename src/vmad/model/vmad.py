@@ -494,8 +494,7 @@ class VMADModel(nn.Module):
         """Write ``model.safetensors`` (trained parts) and ``config.json`` to folder ``path``."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        save_safetensors(folder / WEIGHTS_NAME, state, metadata={"format": "pt"})
+        save_safetensors(folder / WEIGHTS_NAME, self.trainable_state_dict(), metadata={"format": "pt"})
         meta = {
             "format": TRAINABLE_FORMAT,
             "version": 1,

@@ -21,8 +21,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vmad.tensor_io import save_safetensors
-
 PREFIX = "checkpoint-"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -64,10 +62,6 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
-    save_safetensors(path, tensors)
 
 
 def load_tensors(path: Path) -> dict[str, Tensor]:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from vmad.errors import ConfigError
+from vmad.tensor_io import save_safetensors
 from vmad.train import checkpoint as ckpt
 from vmad.train.config import TrainConfig
 from vmad.train.dataset import EpochBatches, InstructionDataset, batches_per_epoch, collate
@@ -238,16 +239,16 @@ class Trainer:
         if self.deepspeed:  # DeepSpeed shards optimizer state; its shards are pickled by torch.save
             acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
         tensors, meta = ckpt.rng_state()
-        ckpt.save_tensors(tmp / f"rng_rank{self.rank}.safetensors", tensors)
+        save_safetensors(tmp / f"rng_rank{self.rank}.safetensors", tensors)
         extra: dict[str, Any] = {"rng": meta, "data": {"epoch": self.pos.epoch, "batch": self.pos.batch}}
         if self.aux is not None:
-            ckpt.save_tensors(tmp / f"dssl_rank{self.rank}.safetensors", self.aux.extra_state())
+            save_safetensors(tmp / f"dssl_rank{self.rank}.safetensors", self.aux.extra_state())
         ckpt.write_json(tmp / f"rank{self.rank}.json", extra)
         if acc.is_main_process:
             self.model.save_trainable(tmp / "model")
             if not self.deepspeed:
                 tensors, meta = ckpt.optimizer_state(self.optimizer.state_dict())
-                ckpt.save_tensors(tmp / "optimizer.safetensors", tensors)
+                save_safetensors(tmp / "optimizer.safetensors", tensors)
                 ckpt.write_json(tmp / "optimizer.json", meta)
             ckpt.write_json(tmp / "scheduler.json", ckpt.scheduler_state(self.scheduler.state_dict()))
         acc.wait_for_everyone()
