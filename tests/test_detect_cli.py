@@ -76,6 +76,8 @@ def test_detect_json_and_no_answer(tiny_ckpt, image_folder, tmp_path, capsys):
     [row] = printed["images"]
     assert row["answer"] is None and row["mask_from"] == "segment" and row["mask"] == "rgb_mask.png"
     assert row["mask_pixels"] == 24 * 32  # threshold 0: every pixel of a sigmoid map
+    assert row["mask_description"] == (
+        "The mask marks one region at the center (about 32 x 24 px, 100.0 % of the image).")
     assert printed["question"].endswith("segmentation result.")
 
 

@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     detector = Detector.from_pretrained(weights, config=config)
     detector.name = args.model
     question = args.question or detector.default_question(args.class_name, args.answer)
-    keys = ("score", "mask", "overlay", "answer", "error", "mask_pixels", "mask_from", "height", "width")
+    keys = ("score", "mask", "overlay", "answer", "mask_description", "error", "mask_pixels", "mask_from",
+            "height", "width")
     rows: list[dict[str, Any]] = [{"file": str(p), **dict.fromkeys(keys)} for p in files]
     bar = tqdm(total=len(files), unit="img", disable=True if args.no_progress or len(files) == 1 else None)
 
@@ -153,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 rows[i].update(
                     score=round(det.anomaly_score, 6), mask=mask_rel.as_posix(), overlay=over_rel.as_posix(),
-                    answer=det.answer, mask_pixels=int(det.mask.sum()), mask_from=det.mask_from,
+                    answer=det.answer, mask_description=det.mask_description,
+                    mask_pixels=int(det.mask.sum()), mask_from=det.mask_from,
                     height=int(det.mask.shape[0]), width=int(det.mask.shape[1]),
                 )
                 if not args.json:
