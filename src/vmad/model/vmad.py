@@ -523,9 +523,7 @@ class VMADModel(nn.Module):
         # Training-only auxiliary modules (DSSL heads) that are not attached to this model are not needed
         # for inference: their weights are skipped; attached ones must match exactly like everything else.
         attached = tuple(f"aux_modules.{name}." for name in self.aux_modules)
-        state = {
-            k: v for k, v in state.items() if not k.startswith("aux_modules.") or k.startswith(attached)
-        }
+        state = {k: v for k, v in state.items() if not k.startswith("aux_modules.") or k.startswith(attached)}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise VMADError(
