@@ -11,12 +11,10 @@ Markdown table (with machine, date and command) to --out.
 from __future__ import annotations
 
 import argparse
-import datetime
-import shlex
 import sys
 from pathlib import Path
 
-from _machine import machine_description  # benchmarks/_machine.py
+from _machine import write_report  # benchmarks/_machine.py
 
 from vmad.baselines import build_baseline
 from vmad.data import load_dataset
@@ -64,25 +62,14 @@ def main() -> int:
             rows.append("| " + " | ".join(cells) + " |")
             print(rows[-1], flush=True)
     head = ["Data (test split)", "Method", "images"] + [h for _, h in KEYS] + ["s/img model"]
-    text = [
-        "# VMAD-small vs MuSc on the same images (bottle: zero-shot for both)",
-        "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {machine_description()}, no GPU",
-        f"- command: `python {shlex.join(sys.argv)}`",
+    details = [
         f"- VMAD weights: `{args.model}`; MuSc: `MuScConfig` defaults (EfficientNet-Lite0)",
         "- engine: `vmad eval` defaults (bilinear resize to each mask, Gaussian sigma 4 mask px); large test",
         "  splits capped per class, evenly spaced: " + ", ".join(f"{n} {c or 'all'}" for n, c in sets),
-        "",
-        "| " + " | ".join(head) + " |",
-        "|---|---|" + "---:|" * (len(head) - 2),
-        *rows,
-        "",
-        "Values in percent; – = undefined (NEU-Seg has no normal image).",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(text) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    title = "VMAD-small vs MuSc on the same images (bottle: zero-shot for both)"
+    notes = ["Values in percent; – = undefined (NEU-Seg has no normal image)."]
+    write_report(args.out, title, details, head, rows, notes)
     return 0
 
 
