@@ -1,0 +1,90 @@
+"""Does VMAD's text answer tell normal from anomalous images? (answer mode, `vmad detect`'s default question)
+
+For every test image the detector generates its answer to the default segmentation + description question
+(greedy, as `vmad detect`). The answer's verdict is "normal" when, after "It is <seg>.", it opens with the
+normal description the training data uses (`vmad.data.text.normal_answers`: "No defect was found: ..."), and
+"anomalous" otherwise. Reported per set: how often each verdict is given to normal and to anomalous images,
+and the balanced accuracy, beside the mask-based image AUROC of the same images.
+
+    python benchmarks/answer_verdicts.py --model small --out benchmarks/results/answer_verdicts.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from _machine import write_report  # benchmarks/_machine.py
+
+from vmad.data import load_dataset, read_image
+from vmad.data.text import normal_answers
+from vmad.eval.engine import subsample
+from vmad.eval.metrics import image_auroc
+from vmad.infer.detector import Detector
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_SETS = ("mvtec_ad/bottle", "mpdd_metal_plate", "magnetic_tile:60", "neu_seg:60")
+
+
+def says_normal(answer: str, class_name: str) -> bool:
+    """True when the answer (after the seg sentence) opens with the training data's normal description."""
+    text = answer.split("<seg>.", 1)[-1].strip()
+    return text.startswith(normal_answers(class_name)["description"].split(":")[0])
+
+
+def pct(x: float) -> str:
+    return "–" if np.isnan(x) else f"{100 * x:.1f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="small", help="VMAD weights: small or a checkpoint folder")
+    parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
+    parser.add_argument("--sets", nargs="*", default=list(DEFAULT_SETS),
+                        help="dataset[:max_per_class] under ../shared/data (test split)")
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        print(f"skip: {SHARED} is absent", file=sys.stderr)
+        return 0
+    detector = Detector.from_pretrained(args.model)
+    rows = []
+    for spec in args.sets:
+        name, _, cap = spec.partition(":")
+        dataset = load_dataset(SHARED / name)
+        for class_name in dataset.class_names():
+            samples = subsample(dataset.select(class_name=class_name, split="test"), int(cap or 0) or None)
+            labels, normal_said, scores = [], [], []
+            for sample in samples:
+                [det] = detector.detect([read_image(sample.image_path)], class_name=class_name, answer=True)
+                labels.append(sample.label)
+                normal_said.append(says_normal(det.answer or "", class_name))
+                scores.append(det.anomaly_score)
+            y, said = np.array(labels), np.array(normal_said)
+            n_norm, n_anom = int((y == 0).sum()), int((y == 1).sum())
+            tnr = float(said[y == 0].mean()) if n_norm else float("nan")
+            tpr = float((~said[y == 1]).mean()) if n_anom else float("nan")
+            balanced = (tnr + tpr) / 2 if n_norm and n_anom else float("nan")
+            auroc = image_auroc(y, np.array(scores)) if n_norm and n_anom else float("nan")
+            cells = [name, class_name, f"{n_norm} / {n_anom}", pct(tnr), pct(tpr), pct(balanced), pct(auroc)]
+            rows.append("| " + " | ".join(cells) + " |")
+            print(rows[-1], flush=True)
+    head = ["Data (test split)", "class", "normal / anomalous", "normal said normal", "anomalous said defect",
+            "balanced acc.", "mask-score Img AUROC"]
+    details = [
+        f"- VMAD weights: `{args.model}`; answer mode with the default question (segmentation + description,",
+        "  object = class name), greedy generation, 96 new tokens at most; one image at a time",
+    ]
+    notes = [
+        'Values in percent. "normal said normal": share of normal images whose answer opens with "No defect',
+        'was found"; "anomalous said defect": share of anomalous images whose answer does not; balanced',
+        "acc.: their mean (50 = no better than a constant answer). Mask-score Img AUROC: the same images",
+        "ranked by the mask-based image score (`vmad eval`'s image score).",
+    ]
+    write_report(args.out, "Does the text answer tell normal from anomalous?", details, head, rows, notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
