@@ -4,7 +4,9 @@ For every test image the detector generates its answer to the default segmentati
 (greedy, as `vmad detect`). The answer's verdict is "normal" when, after "It is <seg>.", it opens with the
 normal description the training data uses (`vmad.data.text.normal_answers`: "No defect was found: ..."), and
 "anomalous" otherwise. Reported per set: how often each verdict is given to normal and to anomalous images,
-and the balanced accuracy, beside the mask-based image AUROC of the same images.
+and the balanced accuracy; then two rankings of the same images: by the LLM's text score (minus the
+teacher-forced log-likelihood of that normal description after "It is <seg>.", `VMADModel.answer_logprobs`:
+does the LLM hold any image signal that greedy decoding hides?) and by the mask-based image score.
 
     python benchmarks/answer_verdicts.py --model small --out benchmarks/results/answer_verdicts.md
 """
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from _machine import write_report  # benchmarks/_machine.py
 
 from vmad.data import load_dataset, read_image
@@ -55,23 +58,33 @@ def main() -> int:
         dataset = load_dataset(SHARED / name)
         for class_name in dataset.class_names():
             samples = subsample(dataset.select(class_name=class_name, split="test"), int(cap or 0) or None)
-            labels, normal_said, scores = [], [], []
+            labels, normal_said, scores, text_scores = [], [], [], []
+            question = detector.default_question(class_name, answer=True)
+            seg_answer = detector.model.config.llm.seg_answer
+            normal = f"{seg_answer} {normal_answers(class_name)['description']}"
             for sample in samples:
-                [det] = detector.detect([read_image(sample.image_path)], class_name=class_name, answer=True)
+                image = read_image(sample.image_path)
+                [det] = detector.detect([image], class_name=class_name, answer=True)
                 labels.append(sample.label)
                 normal_said.append(says_normal(det.answer or "", class_name))
                 scores.append(det.anomaly_score)
+                tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255.0)[None]
+                lp = detector.model.answer_logprobs(tensor, question, normal, after=seg_answer)
+                text_scores.append(-float(lp[0]))
             y, said = np.array(labels), np.array(normal_said)
             n_norm, n_anom = int((y == 0).sum()), int((y == 1).sum())
             tnr = float(said[y == 0].mean()) if n_norm else float("nan")
             tpr = float((~said[y == 1]).mean()) if n_anom else float("nan")
             balanced = (tnr + tpr) / 2 if n_norm and n_anom else float("nan")
-            auroc = image_auroc(y, np.array(scores)) if n_norm and n_anom else float("nan")
-            cells = [name, class_name, f"{n_norm} / {n_anom}", pct(tnr), pct(tpr), pct(balanced), pct(auroc)]
+            both = n_norm and n_anom
+            auroc = image_auroc(y, np.array(scores)) if both else float("nan")
+            text_auroc = image_auroc(y, np.array(text_scores)) if both else float("nan")
+            cells = [name, class_name, f"{n_norm} / {n_anom}", pct(tnr), pct(tpr), pct(balanced),
+                     pct(text_auroc), pct(auroc)]
             rows.append("| " + " | ".join(cells) + " |")
             print(rows[-1], flush=True)
     head = ["Data (test split)", "class", "normal / anomalous", "normal said normal", "anomalous said defect",
-            "balanced acc.", "mask-score Img AUROC"]
+            "balanced acc.", "text-score Img AUROC", "mask-score Img AUROC"]
     details = [
         f"- VMAD weights: `{args.model}`; answer mode with the default question (segmentation + description,",
         "  object = class name), greedy generation, 96 new tokens at most; one image at a time",
@@ -79,8 +92,9 @@ def main() -> int:
     notes = [
         'Values in percent. "normal said normal": share of normal images whose answer opens with "No defect',
         'was found"; "anomalous said defect": share of anomalous images whose answer does not; balanced',
-        "acc.: their mean (50 = no better than a constant answer). Mask-score Img AUROC: the same images",
-        "ranked by the mask-based image score (`vmad eval`'s image score).",
+        "acc.: their mean (50 = no better than a constant answer). Text-score Img AUROC: the images ranked",
+        "by -log p(normal description | image, question, \"It is <seg>.\"); mask-score Img AUROC: ranked by",
+        "the mask-based image score (`vmad eval`'s image score).",
     ]
     write_report(args.out, "Does the text answer tell normal from anomalous?", details, head, rows, notes)
     return 0

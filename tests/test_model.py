@@ -464,3 +464,28 @@ def test_lora_build_does_not_print_the_peft_deprecation_warning() -> None:
         warnings.simplefilter("always")
         build_vmad("tiny")
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_answer_logprobs_equal_the_text_loss_and_skip_the_given_start(tiny: VMADModel) -> None:
+    was_training = tiny.training
+    tiny.eval()
+    try:
+        images = torch.rand(2, 3, 64, 64)
+        answers = ["No, the bottle is normal.", "Yes, there is a scratch on it."]
+        got = tiny.answer_logprobs(images, TEXT_Q, answers)
+        for i, answer in enumerate(answers):  # sum of log p over the answer = -(mean CE) x (answer tokens)
+            batch = tiny.prepare_batch(images[i : i + 1], [TEXT_Q], [answer])
+            with torch.no_grad():
+                loss = tiny(batch)["loss_txt"]
+            n = int((batch["labels"] != -100).sum())
+            assert float(got[i]) == pytest.approx(-float(loss) * n, rel=1e-4)
+        seg = ["It is <seg>. No defect.", "It is <seg>. A scratch."]
+        full = tiny.answer_logprobs(images, SEG_Q, seg)
+        rest = tiny.answer_logprobs(images, SEG_Q, seg, after="It is <seg>.")
+        assert bool((rest > full).all())  # the start's own tokens (log p < 0) are no longer counted
+        one = tiny.answer_logprobs(images[1:], SEG_Q, seg[1], after="It is <seg>.")
+        assert float(one[0]) == pytest.approx(float(rest[1]), rel=1e-4)
+        with pytest.raises(VMADError, match="does not start with"):
+            tiny.answer_logprobs(images, SEG_Q, "No defect.", after="It is <seg>.")
+    finally:
+        tiny.train(was_training)

@@ -477,6 +477,38 @@ class VMADModel(nn.Module):
                 probs[b], scores[b] = p[j], float(s[j])
         return GenerationResult(texts=texts, token_ids=generated, probs=probs, scores=scores)
 
+    @torch.no_grad()
+    def answer_logprobs(
+        self, images: Tensor, question: str | Sequence[str], answer: str | Sequence[str], after: str = ""
+    ) -> Tensor:
+        """Teacher-forced log-likelihood of ``answer`` per image (the text term of Eq. 6 as a sum): log p of
+        the answer's tokens and its end token given the image and question, ``[B]``. ``after``: a start of
+        every answer (e.g. ``"It is <seg>."``) whose tokens are conditioned on but not counted, so the result
+        is log p(rest | image, question, after). Call ``eval()`` first."""
+        images = self._as_batch(images).to(self.device)
+        n = images.shape[0]
+        questions = [question] * n if isinstance(question, str) else list(question)
+        answers = [answer] * n if isinstance(answer, str) else list(answer)
+        skip = 0
+        if after:
+            head = self.tokenizer(self.layout.answer(after, ""), add_special_tokens=False)["input_ids"]
+            for a in answers:
+                ids_a = self.tokenizer(self.layout.answer(a, ""), add_special_tokens=False)["input_ids"]
+                if list(ids_a[: len(head)]) != list(head):
+                    raise VMADError(f"answer {a!r} does not start with the tokens of {after!r}")
+            skip = len(head)
+        enc = tokenize_dialogues(self.tokenizer, self.layout, questions, answers)
+        ids, attn = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        last, levels, vis = self.encode_images(images)
+        embeds, _, xattn, xlabels = self._splice(ids, attn, enc["labels"].to(self.device), vis)
+        h = self._run_llm(embeds, xattn, (xattn.cumsum(-1) - 1).clamp(min=0))
+        target = xlabels[:, 1:]
+        keep = target != IGNORE_INDEX
+        logp = self.logits(h[:, :-1]).float().log_softmax(-1)
+        token_lp = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        counted = keep & (keep.cumsum(-1) > skip)
+        return (token_lp * counted).sum(-1)
+
     def _decode(self, ids: list[int], stop: set[int]) -> str:
         cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
         return self.tokenizer.decode(ids[:cut], skip_special_tokens=False).strip()
