@@ -141,6 +141,10 @@ def test_load_rejects_mismatched_checkpoint(tmp_path: Path) -> None:
     other = build_vmad(_tiny_config(kind="mlp"))
     with pytest.raises(VMADError, match="does not match"):
         other.load_trainable(folder)
+    config = preset_config("tiny")
+    config.lora.r = config.lora.r * 2  # same keys, other LoRA shapes: a clear error, not torch's
+    with pytest.raises(VMADError, match="shapes differ.*lora"):
+        build_vmad(config).load_trainable(folder)
 
 
 def test_inference_load_skips_unattached_training_aux_modules(tmp_path: Path) -> None:

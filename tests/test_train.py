@@ -18,12 +18,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vmad.cli import main
-from vmad.errors import ConfigError
+from vmad.errors import ConfigError, VMADError
 from vmad.model.vmad import VMADModel
 from vmad.train import checkpoint as ckpt
 from vmad.train.config import load_train_config
 from vmad.train.dataset import EpochBatches
-from vmad.train.trainer import train
+from vmad.train.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -265,3 +265,20 @@ def test_cli_train_and_errors(riad: Path, tmp_path: Path, capsys: pytest.Capture
     assert main([*args, "--set", "train.nope=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown config key 'train.nope'") and "Traceback" not in err
+
+
+def test_init_from_starts_from_trained_weights(riad: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    run(riad, first, 2)
+    saved = weights(first / "final")
+
+    def trainer(out: str, **extra: object) -> Trainer:
+        return Trainer(load_train_config(TINY, tiny_overrides(riad, tmp_path / out, 2, **extra)))
+
+    fine = trainer("fine", **{"train.init_from": str(first / "final")}).model.trainable_state_dict()
+    fresh = trainer("fresh").model.trainable_state_dict()
+    assert all(torch.equal(fine[k].cpu(), v) for k, v in saved.items())
+    assert any(not torch.equal(fresh[k].cpu(), v) for k, v in saved.items())  # the 2 steps moved them
+    with pytest.raises(VMADError, match="no such model folder"):
+        trainer("bad", **{"train.init_from": str(tmp_path / "missing")})
+    assert not (tmp_path / "bad").exists()

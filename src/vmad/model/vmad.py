@@ -551,7 +551,8 @@ class VMADModel(nn.Module):
                 f"{self.new_token_ids_list}"
             )
         state = load_file(str(folder / WEIGHTS_NAME), device=str(self.device))
-        expected = set(self.trainable_state_dict())
+        own = self.trainable_state_dict()
+        expected = set(own)
         # Training-only auxiliary modules (DSSL heads) that are not attached to this model are not needed
         # for inference: their weights are skipped; attached ones must match exactly like everything else.
         attached = tuple(f"aux_modules.{name}." for name in self.aux_modules)
@@ -562,6 +563,10 @@ class VMADModel(nn.Module):
                 f"{folder}: checkpoint does not match the model (missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]})"
             )
+        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                 if v.shape != own[k].shape]
+        if wrong:
+            raise VMADError(f"{folder}: checkpoint shapes differ from the model's ({'; '.join(wrong[:3])})")
         self.load_state_dict(state, strict=False)
 
     @classmethod

@@ -80,6 +80,10 @@ class TrainLoopConfig:
         progress: show a tqdm progress bar.
         stop_after: DEBUG. Return after this many optimizer steps of this run without the final checkpoint,
             as a killed run would (used by the resume tests).
+        init_from: fine-tune: start from these trained weights (``small`` = the packaged VMAD-small, or a
+            folder written by ``save_trainable``: a run's ``final/`` or ``checkpoint-<step>/model/``). The
+            model section must describe the same model; optimizer, schedule and DSSL (heads, memory) start
+            fresh.
     """
 
     max_steps: int = 0
@@ -103,6 +107,7 @@ class TrainLoopConfig:
     dssl_prefill: bool = True
     progress: bool = True
     stop_after: int | None = None
+    init_from: str | None = None
 
 
 @dataclass

@@ -136,6 +136,10 @@ class Trainer:
         if t.dssl:
             model_cfg.loss.pbsd = cfg.dssl.lambda_pbsd
         self.model = build_vmad(model_cfg)
+        if t.init_from:
+            from vmad.infer.detector import resolve_model_path
+
+            self.model.load_trainable(resolve_model_path(t.init_from))
         tasks = cfg.data.tasks
         self.dataset = InstructionDataset(
             samples,
