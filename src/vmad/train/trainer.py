@@ -131,15 +131,18 @@ class Trainer:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.out = Path(cfg.output_dir)
         _seed_all(t.seed + self.rank)
+        init_from = None
+        if t.init_from:  # checked before the data is read
+            from vmad.infer.detector import resolve_model_path
+
+            init_from = resolve_model_path(t.init_from)
         samples = _load_samples(cfg)
         model_cfg = cfg.model
         if t.dssl:
             model_cfg.loss.pbsd = cfg.dssl.lambda_pbsd
         self.model = build_vmad(model_cfg)
-        if t.init_from:
-            from vmad.infer.detector import resolve_model_path
-
-            self.model.load_trainable(resolve_model_path(t.init_from))
+        if init_from is not None:
+            self.model.load_trainable(init_from)
         tasks = cfg.data.tasks
         self.dataset = InstructionDataset(
             samples,
