@@ -493,3 +493,112 @@ def test_answer_logprobs_equal_the_text_loss_and_skip_the_given_start(tiny: VMAD
             tiny.answer_logprobs(images, SEG_Q, "No defect.", after="It is <seg>.")
     finally:
         tiny.train(was_training)
+
+
+def _mask_prompt_model(n_tokens: int = 2) -> VMADModel:
+    cfg = preset_config("tiny").to_dict()
+    cfg["llm"]["mask_prompt_tokens"] = n_tokens
+    torch.manual_seed(0)
+    model = build_vmad(VMADConfig.from_dict(cfg))
+    assert model.mask_prompt is not None
+    with torch.no_grad():  # the last layer starts at zero; make the prompt depend on the mask
+        model.mask_prompt.mlp[-1].weight.normal_(std=0.5)
+    return model.eval()
+
+
+def test_mask_prompt_summary_and_neutral_start() -> None:
+    from vmad.model.mask_prompt import MaskPrompt, mask_summary
+
+    probs = torch.zeros(2, 32, 32)
+    probs[1, 0:4, 28:32] = 0.9  # top right corner
+    feats = mask_summary(probs, 4)
+    assert tuple(feats.shape) == (2, 19)
+    assert float(feats[0].abs().sum()) == 0.0
+    assert feats[1, 3] == pytest.approx(0.9) and float(feats[1, :3].sum()) == 0.0  # pooled cell (0, 3)
+    assert feats[1, 16] == pytest.approx(0.9) and feats[1, 18] == pytest.approx(16 / 1024)
+    fresh = MaskPrompt(8, 3, grid=4, init_embedding=torch.arange(8.0))
+    out = fresh(probs)
+    assert tuple(out.shape) == (2, 3, 8)
+    torch.testing.assert_close(out, torch.arange(8.0).expand(2, 3, 8))  # zero-initialised delta
+
+
+def test_mask_prompt_generation_matches_teacher_forcing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding with the KV cache (mask prompt fed after <seg>, other samples' slots masked) gives the same
+    per-token log-probs as the two-pass teacher-forced path, for a left-padded batch of two questions."""
+    model = _mask_prompt_model()
+    answer = "It is <seg>. A scratch."
+    tokens = model.tokenizer(model.layout.answer(answer, model.tokenizer.eos_token), add_special_tokens=False)
+    tokens = tokens["input_ids"]
+    images = torch.rand(2, 3, 64, 64)
+    questions = [SEG_Q, "Any defect?"]
+    original = model.logits
+    seen: list[torch.Tensor] = []
+    step = {"n": 0}
+
+    def forced(h: torch.Tensor) -> torch.Tensor:
+        out = original(h)
+        if h.dim() == 2:
+            tok = tokens[min(step["n"], len(tokens) - 1)]
+            seen.append(out.float().log_softmax(-1)[:, tok])
+            out = out.clone()
+            out[..., tok] = 1e4
+            step["n"] += 1
+        return out
+
+    monkeypatch.setattr(model, "logits", forced)
+    gen = model.generate(images, questions, max_new_tokens=len(tokens) + 2)
+    monkeypatch.undo()
+    assert gen.token_ids == [tokens, tokens] and all(p is not None for p in gen.probs)
+    decoded = torch.stack(seen[: len(tokens)]).sum(0)
+    teacher = model.answer_logprobs(images, questions, answer)
+    torch.testing.assert_close(decoded, teacher, atol=1e-3, rtol=1e-4)
+    fast = model.segment(images, questions)  # the prompt comes after <seg>: same masks as the fast path
+    torch.testing.assert_close(torch.stack(gen.probs), fast.probs, atol=1e-4, rtol=0)
+
+
+def test_mask_prompt_conditions_only_the_text_after_seg() -> None:
+    model = _mask_prompt_model()
+    images = torch.rand(2, 3, 64, 64)
+    answer = "It is <seg>. A scratch."
+    masks = model.segment(images, SEG_Q).probs
+    after = model.answer_logprobs(images, SEG_Q, answer, after="It is <seg>.")
+    with torch.no_grad():
+        model.mask_prompt.base.normal_(std=1.0)
+    assert torch.equal(model.segment(images, SEG_Q).probs, masks)  # <seg> state: before the prompt
+    changed = model.answer_logprobs(images, SEG_Q, answer, after="It is <seg>.")
+    assert not torch.allclose(changed, after, atol=1e-3)
+
+
+def test_mask_prompt_training_loss_and_gradients() -> None:
+    model = _mask_prompt_model().train()
+    batch = _batch(model)
+    out = model(batch)
+    n = int((batch["labels"] != -100).sum())  # the prompt's positions carry no label
+    model.eval()
+    with torch.no_grad():
+        answers = ["It is <seg>.", "No, the bottle is normal."]
+        lp = model.answer_logprobs(batch["images"], [SEG_Q, TEXT_Q], answers)
+        ev = model(batch)
+    assert float(lp.sum()) == pytest.approx(-float(ev["loss_txt"]) * n, rel=1e-4)
+    out["loss"].backward()
+    grads = {name: p.grad for name, p in model.mask_prompt.named_parameters()}
+    assert all(g is not None and float(g.abs().sum()) > 0 for g in grads.values())
+    assert out["mask_logits"].shape == (1, 64, 64)
+
+
+def test_fine_tune_load_keeps_a_new_mask_prompt_fresh(tmp_path: Path) -> None:
+    plain = build_vmad("tiny")
+    plain.save_trainable(tmp_path / "plain")
+    model = _mask_prompt_model()
+    n_prompt = sum(p.numel() for p in model.mask_prompt.parameters())
+    assert model.summary()["components"]["mask_prompt"] == {"parameters": n_prompt, "trainable": n_prompt}
+    assert "mask_prompt" not in plain.summary()["components"]
+    with pytest.raises(VMADError, match="missing"):
+        model.load_trainable(tmp_path / "plain")
+    fresh = model.load_trainable(tmp_path / "plain", keep_fresh=("mask_prompt.",))
+    assert sorted(fresh) == sorted(f"mask_prompt.{k}" for k in model.mask_prompt.state_dict())
+    torch.testing.assert_close(model.seg_head.net[0].weight, plain.seg_head.net[0].weight)
+    model.save_trainable(tmp_path / "with_prompt")
+    again = VMADModel.from_pretrained(tmp_path / "with_prompt")
+    assert again.mask_prompt is not None
+    torch.testing.assert_close(again.mask_prompt.mlp[-1].weight, model.mask_prompt.mlp[-1].weight)

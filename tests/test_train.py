@@ -282,3 +282,11 @@ def test_init_from_starts_from_trained_weights(riad: Path, tmp_path: Path) -> No
     with pytest.raises(VMADError, match="no such model folder"):
         trainer("bad", **{"train.init_from": str(tmp_path / "missing")})
     assert not (tmp_path / "bad").exists()
+    # adding the OURS mask prompt on top of a checkpoint without one: it starts fresh, the rest is loaded
+    prompted = trainer(
+        "prompted", **{"train.init_from": str(first / "final"), "model.llm.mask_prompt_tokens": 2}
+    )
+    state = prompted.model.trainable_state_dict()
+    assert all(torch.equal(state[k].cpu(), v) for k, v in saved.items())
+    added = {k for k in state if k not in saved and not k.startswith("aux_modules.")}
+    assert added == {k for k in state if k.startswith("mask_prompt.")} != set()

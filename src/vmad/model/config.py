@@ -75,6 +75,10 @@ class LLMConfig:
             position (default), ``before_seg`` = the state that predicts ``<seg>`` (LISA). Same rule in
             training and inference.
         seg_answer: the segmentation-only answer used by the fast path (Sec. V-A.2 template).
+        mask_prompt_tokens: OURS. Number of embeddings of the predicted mask inserted right after ``<seg>``
+            (:mod:`vmad.model.mask_prompt`), so the text after ``<seg>`` is conditioned on the mask; 0 = off,
+            the paper's model.
+        mask_prompt_grid: side of the max-pooled mask grid those embeddings are computed from.
         dtype: weight dtype of the LLM.
         hidden_size, layers, heads, intermediate_size, vocab_rows: tiny LLM shape (vocab_rows > tokenizer
             length, a padded vocabulary, so the no-shrink rule is exercised).
@@ -90,6 +94,8 @@ class LLMConfig:
     image_token: str = "<image>"
     seg_state: str = "at_seg"
     seg_answer: str = "It is <seg>."
+    mask_prompt_tokens: int = 0
+    mask_prompt_grid: int = 8
     dtype: str = "float32"
     hidden_size: int = 64
     layers: int = 2
@@ -102,6 +108,11 @@ class LLMConfig:
         _check(self.template, TEMPLATES, "llm.template")
         _check(self.seg_state, SEG_STATES, "llm.seg_state")
         _check(self.dtype, ("float32", "bfloat16", "float16"), "llm.dtype")
+        if self.mask_prompt_tokens < 0 or self.mask_prompt_grid < 1:
+            raise ConfigError(
+                f"llm.mask_prompt_tokens must be >= 0 and llm.mask_prompt_grid >= 1, got "
+                f"{self.mask_prompt_tokens} and {self.mask_prompt_grid}"
+            )
         if self.seg_token not in self.seg_answer:
             raise ConfigError(f"llm.seg_answer {self.seg_answer!r} must contain {self.seg_token!r}")
 

@@ -9,6 +9,10 @@ rule in ``forward``, ``segment`` and ``generate``. One mask per sample.
 Added tokens: only their rows are trained, as separate parameters (``new_token_embed`` and, for untied heads,
 ``new_token_out``) that replace the frozen base rows on the way in and the matching logits on the way out;
 the base embedding matrices stay frozen (no weight decay drift on other rows).
+
+OURS, optional (``llm.mask_prompt_tokens`` > 0): the mask predicted from H̄_seg becomes prompt embeddings
+inserted right after ``<seg>`` (:mod:`vmad.model.mask_prompt`). Teacher-forced passes run the LLM twice: once
+without gradient up to ``<seg>`` for the mask, once over the full sequence with the prompt inserted.
 """
 
 from __future__ import annotations
@@ -30,13 +34,22 @@ from vmad.errors import VMADError
 from vmad.model.config import ScoreConfig, VMADConfig
 from vmad.model.llm import IGNORE_INDEX, PromptLayout, add_vmad_tokens, tokenize_dialogues
 from vmad.model.mask_decoder import bce_loss, dice_loss
+from vmad.model.mask_prompt import MaskPrompt
 from vmad.model.vision import tokens_to_maps
 from vmad.tensor_io import save_safetensors
 
 TRAINABLE_FORMAT = "vmad-trainable"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-OWNED_PREFIXES = ("projector.", "seg_head.", "mask_decoder.", "neck.", "aux_modules.", "new_token_")
+OWNED_PREFIXES = (
+    "projector.",
+    "seg_head.",
+    "mask_decoder.",
+    "neck.",
+    "aux_modules.",
+    "new_token_",
+    "mask_prompt.",
+)
 
 
 @dataclass
@@ -156,6 +169,13 @@ class VMADModel(nn.Module):
             if not tied:
                 mean_out = out_layer.weight[:n_orig].float().mean(0, keepdim=True)
                 self.new_token_out = nn.Parameter(mean_out.expand(len(ids), -1).clone())
+        self.mask_prompt: MaskPrompt | None = None
+        if lcfg.mask_prompt_tokens:
+            self.mask_prompt = MaskPrompt(
+                emb_w.shape[1], lcfg.mask_prompt_tokens, lcfg.mask_prompt_grid, init_embedding=mean_in[0]
+            ).to(emb_w.device)
+        pad = tokenizer.pad_token_id
+        self.slot_token_id = int(pad) if pad is not None else 0  # id shown at mask-prompt positions
         if config.lora.enabled:
             from peft import LoraConfig, get_peft_model
 
@@ -315,6 +335,63 @@ class VMADModel(nn.Module):
         low = self.mask_decoder(self.image_embeddings(images, last, levels), prompts)
         return F.interpolate(low.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
+    def _teacher_forced(
+        self, images: Tensor, ids: Tensor, attn: Tensor, labels: Tensor | None
+    ) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """Encode, splice, insert the mask prompt (when on) and run the LLM over whole dialogues:
+        ``(last, levels, visual_tokens, hidden_states, expanded_ids, attention_mask, labels)``."""
+        last, levels, vis = self.encode_images(images)
+        embeds, xids, xattn, xlabels = self._splice(ids, attn, labels, vis)
+        if self.mask_prompt is not None:
+            embeds, xids, xattn, xlabels = self._insert_mask_prompt(
+                images, last, levels, embeds, xids, xattn, xlabels
+            )
+        h = self._run_llm(embeds, xattn, (xattn.cumsum(-1) - 1).clamp(min=0))
+        return last, levels, vis, h, xids, xattn, xlabels
+
+    def _insert_mask_prompt(
+        self,
+        images: Tensor,
+        last: Tensor,
+        levels: Sequence[Tensor],
+        embeds: Tensor,
+        xids: Tensor,
+        xattn: Tensor,
+        xlabels: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Mask from a no-grad LLM pass up to ``<seg>``, its prompt embeddings inserted after ``<seg>``
+        (label -100). Samples without ``<seg>`` get the same number of masked padding positions at the end."""
+        assert self.mask_prompt is not None
+        hit = xids == self.seg_token_id
+        has = hit.any(1)
+        seg_idx = hit.to(torch.int64).argmax(1)
+        n_tok = self.mask_prompt.n_tokens
+        prompts = embeds.new_zeros(len(xids), n_tok, embeds.shape[-1])
+        sel = torch.nonzero(has).flatten()
+        if len(sel):
+            end = int(seg_idx[sel].max()) + 1
+            with torch.no_grad():
+                a = xattn[:, :end]
+                h = self._run_llm(embeds[:, :end], a, (a.cumsum(-1) - 1).clamp(min=0))
+                pos = self.seg_positions(xids)[sel]
+                probs = self.mask_logits(
+                    images[sel], last[sel], [lv[sel] for lv in levels], h[sel, pos], tuple(images.shape[-2:])
+                ).sigmoid()
+            prompts[sel] = self.mask_prompt(probs).to(embeds.dtype)
+        e_out, i_out, a_out, l_out = [], [], [], []
+        for b in range(len(xids)):
+            cut = int(seg_idx[b]) + 1 if bool(has[b]) else xids.shape[1]
+            slot_attn = xattn.new_full((n_tok,), 1 if bool(has[b]) else 0)
+            e_out.append(torch.cat([embeds[b, :cut], prompts[b], embeds[b, cut:]]))
+            slot_ids = xids.new_full((n_tok,), self.slot_token_id)
+            i_out.append(torch.cat([xids[b, :cut], slot_ids, xids[b, cut:]]))
+            a_out.append(torch.cat([xattn[b, :cut], slot_attn, xattn[b, cut:]]))
+            if xlabels is not None:
+                slot_lab = xlabels.new_full((n_tok,), IGNORE_INDEX)
+                l_out.append(torch.cat([xlabels[b, :cut], slot_lab, xlabels[b, cut:]]))
+        lab = torch.stack(l_out) if xlabels is not None else None
+        return torch.stack(e_out), torch.stack(i_out), torch.stack(a_out), lab
+
     def _text_loss(self, h: Tensor, labels: Tensor) -> Tensor:
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
@@ -333,10 +410,7 @@ class VMADModel(nn.Module):
         ids = batch["input_ids"].to(self.device)
         attn = batch["attention_mask"].to(self.device)
         labels = batch["labels"].to(self.device)
-        last, levels, vis = self.encode_images(images)
-        embeds, xids, xattn, xlabels = self._splice(ids, attn, labels, vis)
-        pos_ids = (xattn.cumsum(-1) - 1).clamp(min=0)
-        h = self._run_llm(embeds, xattn, pos_ids)
+        last, levels, vis, h, xids, xattn, xlabels = self._teacher_forced(images, ids, attn, labels)
         loss_txt = self._text_loss(h, xlabels)
 
         seg_pos = self.seg_positions(xids)
@@ -436,6 +510,7 @@ class VMADModel(nn.Module):
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
         seg_h: list[Tensor | None] = [None] * n
         generated: list[list[int]] = [[] for _ in range(n)]
+        probs: list[Tensor | None] = [None] * n
         at_seg = self.config.llm.seg_state == "at_seg"
         for _ in range(max_new_tokens):
             nxt = self.logits(h_last).argmax(-1)
@@ -456,12 +531,19 @@ class VMADModel(nn.Module):
             for b in range(n):
                 if is_seg[b] and seg_h[b] is None:
                     seg_h[b] = h_last[b]
+            fresh = [b for b in range(n) if bool(is_seg[b]) and probs[b] is None]
+            if self.mask_prompt is not None and fresh:
+                h_last, next_pos, xattn = self._feed_mask_prompt(
+                    fresh, seg_h, probs, images, last, levels, h_last, next_pos, xattn, cache
+                )
             if bool(done.all()):
                 break
         texts = [self._decode(g, stop) for g in generated]
-        probs: list[Tensor | None] = [None] * n
         scores: list[float | None] = [None] * n
-        idx = [b for b in range(n) if seg_h[b] is not None]
+        for b in range(n):
+            if probs[b] is not None:
+                scores[b] = float(image_scores(probs[b][None], self.config.score)[0])
+        idx = [b for b in range(n) if seg_h[b] is not None and probs[b] is None]
         if idx:
             sel = torch.tensor(idx, device=self.device)
             logits = self.mask_logits(
@@ -476,6 +558,44 @@ class VMADModel(nn.Module):
             for j, b in enumerate(idx):
                 probs[b], scores[b] = p[j], float(s[j])
         return GenerationResult(texts=texts, token_ids=generated, probs=probs, scores=scores)
+
+    def _feed_mask_prompt(
+        self,
+        fresh: list[int],
+        seg_h: list[Tensor | None],
+        probs: list[Tensor | None],
+        images: Tensor,
+        last: Tensor,
+        levels: Sequence[Tensor],
+        h_last: Tensor,
+        next_pos: Tensor,
+        xattn: Tensor,
+        cache: Any,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Decoding step after ``<seg>`` (mask prompt on): the masks of the samples in ``fresh`` (stored in
+        ``probs``), then their prompt embeddings through the LLM (the other samples' slots are masked out).
+        Returns the updated ``(h_last, next_pos, attention_mask)``."""
+        assert self.mask_prompt is not None
+        sel = torch.tensor(fresh, device=self.device)
+        p = self.mask_logits(
+            images[sel],
+            last[sel],
+            [lv[sel] for lv in levels],
+            torch.stack([seg_h[b] for b in fresh]),  # type: ignore[misc]
+            tuple(images.shape[-2:]),
+        ).sigmoid()
+        for j, b in enumerate(fresh):
+            probs[b] = p[j]
+        n_tok, n = self.mask_prompt.n_tokens, len(h_last)
+        emb = h_last.new_zeros(n, n_tok, h_last.shape[-1])
+        emb[sel] = self.mask_prompt(p).to(emb.dtype)
+        on = torch.zeros(n, dtype=torch.bool, device=self.device)
+        on[sel] = True
+        xattn = torch.cat([xattn, on.to(xattn.dtype)[:, None].expand(n, n_tok)], dim=1)
+        pos = next_pos[:, None] + torch.arange(n_tok, device=self.device)
+        h = self._run_llm(emb, xattn, pos, cache)
+        h_last = torch.where(on[:, None], h[:, -1], h_last)
+        return h_last, torch.where(on, next_pos + n_tok, next_pos), xattn
 
     @torch.no_grad()
     def answer_logprobs(
@@ -499,9 +619,8 @@ class VMADModel(nn.Module):
             skip = len(head)
         enc = tokenize_dialogues(self.tokenizer, self.layout, questions, answers)
         ids, attn = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        last, levels, vis = self.encode_images(images)
-        embeds, _, xattn, xlabels = self._splice(ids, attn, enc["labels"].to(self.device), vis)
-        h = self._run_llm(embeds, xattn, (xattn.cumsum(-1) - 1).clamp(min=0))
+        *_, h, _, _, xlabels = self._teacher_forced(images, ids, attn, enc["labels"].to(self.device))
+        assert xlabels is not None
         target = xlabels[:, 1:]
         keep = target != IGNORE_INDEX
         logp = self.logits(h[:, :-1]).float().log_softmax(-1)
@@ -538,9 +657,11 @@ class VMADModel(nn.Module):
         (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return folder
 
-    def load_trainable(self, path: str | Path) -> None:
+    def load_trainable(self, path: str | Path, keep_fresh: Sequence[str] = ()) -> list[str]:
         """Load :meth:`save_trainable`'s weights onto this (freshly built) model; every trained key must
-        match, except the weights of auxiliary training modules that this model has not attached."""
+        match, except the weights of auxiliary training modules that this model has not attached, and keys
+        under a ``keep_fresh`` prefix (e.g. ``"mask_prompt."`` when fine-tuning a model without one), which
+        may be absent and then keep their initial values. Returns those absent keys."""
         from safetensors.torch import load_file
 
         folder = Path(path)
@@ -558,16 +679,22 @@ class VMADModel(nn.Module):
         attached = tuple(f"aux_modules.{name}." for name in self.aux_modules)
         state = {k: v for k, v in state.items() if not k.startswith("aux_modules.") or k.startswith(attached)}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        fresh = [k for k in missing if keep_fresh and k.startswith(tuple(keep_fresh))]
+        missing = [k for k in missing if k not in fresh]
         if missing or unexpected:
             raise VMADError(
                 f"{folder}: checkpoint does not match the model (missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]})"
             )
-        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-                 if v.shape != own[k].shape]
+        wrong = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if v.shape != own[k].shape
+        ]
         if wrong:
             raise VMADError(f"{folder}: checkpoint shapes differ from the model's ({'; '.join(wrong[:3])})")
         self.load_state_dict(state, strict=False)
+        return fresh
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **build_kwargs: Any) -> VMADModel:
@@ -612,6 +739,8 @@ class VMADModel(nn.Module):
             ("visual_backbone", self.visual_backbone),
             ("mask_decoder", nn.ModuleList([m for m in (self.neck, self.mask_decoder) if m is not None])),
         ]
+        if self.mask_prompt is not None:
+            parts.append(("mask_prompt", self.mask_prompt))
         for name, module in parts:
             total, trainable = count_parameters(module)
             count_parameters(module, seen)

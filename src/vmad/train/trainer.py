@@ -141,8 +141,10 @@ class Trainer:
         if t.dssl:
             model_cfg.loss.pbsd = cfg.dssl.lambda_pbsd
         self.model = build_vmad(model_cfg)
-        if init_from is not None:
-            self.model.load_trainable(init_from)
+        if init_from is not None:  # parts this model adds (the OURS mask prompt) start fresh
+            fresh = self.model.load_trainable(init_from, keep_fresh=("mask_prompt.",))
+            if fresh and self.rank == 0:
+                print(f"{init_from}: {len(fresh)} mask_prompt tensors not in it start fresh", file=sys.stderr)
         tasks = cfg.data.tasks
         self.dataset = InstructionDataset(
             samples,
