@@ -289,4 +289,27 @@ def test_init_from_starts_from_trained_weights(riad: Path, tmp_path: Path) -> No
     state = prompted.model.trainable_state_dict()
     assert all(torch.equal(state[k].cpu(), v) for k, v in saved.items())
     added = {k for k in state if k not in saved and not k.startswith("aux_modules.")}
+    frozen = trainer("frozen", **{"train.freeze": "[neck, mask_decoder, seg_head, lora]"}).model
+    for name, p in frozen.named_parameters():
+        if name.startswith("aux_modules."):  # DSSL's own rules
+            continue
+        part = "lora" if "lora_" in name else name.split(".")[0]
+        assert p.requires_grad == (
+            part in ("projector", "new_token_embed", "new_token_out", "aux_modules")
+        ), name
+    assert set(frozen.trainable_state_dict()) == set(fresh)  # frozen parts are still saved
+    kept = run(
+        riad,
+        tmp_path / "kept",
+        2,
+        **{"train.init_from": str(first / "final"), "train.freeze": "[neck, mask_decoder, seg_head]"},
+    )
+    after = weights(kept.final_dir)
+    fixed = [k for k in saved if k.split(".")[0] in ("neck", "mask_decoder", "seg_head")]
+    assert fixed and all(torch.equal(after[k], saved[k]) for k in fixed)
+    assert any(not torch.equal(after[k], v) for k, v in saved.items() if k.startswith("projector."))
+    with pytest.raises(ConfigError, match="unknown part"):
+        trainer("typo", **{"train.freeze": "[decoder]"})
+    with pytest.raises(ConfigError, match="no 'mask_prompt'"):
+        trainer("absent", **{"train.freeze": "[mask_prompt]"})
     assert added == {k for k in state if k.startswith("mask_prompt.")} != set()

@@ -636,7 +636,7 @@ class VMADModel(nn.Module):
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Only what VMAD trains: LoRA weights, projector, Γ, neck, decoder, new token rows, aux heads
         (whole modules, buffers included)."""
-        trained_llm = {f"llm.{n}" for n, p in self.llm.named_parameters() if p.requires_grad}
+        trained_llm = {f"llm.{n}" for n, p in self.llm.named_parameters() if p.requires_grad or "lora_" in n}
         return {
             k: v for k, v in self.state_dict().items() if k.startswith(OWNED_PREFIXES) or k in trained_llm
         }

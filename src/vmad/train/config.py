@@ -22,6 +22,16 @@ from vmad.model.config import VMADConfig
 from vmad.model.dssl import DSSLConfig
 
 SCHEDULERS = ("cosine", "constant")
+FREEZABLE = (
+    "projector",
+    "seg_head",
+    "neck",
+    "mask_decoder",
+    "mask_prompt",
+    "new_token_embed",
+    "new_token_out",
+    "lora",
+)
 
 
 @dataclass
@@ -84,6 +94,10 @@ class TrainLoopConfig:
             folder written by ``save_trainable``: a run's ``final/`` or ``checkpoint-<step>/model/``). The
             model section must describe the same model; optimizer, schedule and DSSL (heads, memory) start
             fresh.
+        freeze: trained parts kept fixed in this run, by name: ``projector``, ``seg_head``, ``neck``,
+            ``mask_decoder``, ``mask_prompt``, ``new_token_embed``, ``new_token_out``, ``lora`` (with
+            ``init_from``: e.g. keep the masks of a trained model while its answers are fine-tuned). They are
+            still saved with the rest.
     """
 
     max_steps: int = 0
@@ -108,6 +122,7 @@ class TrainLoopConfig:
     progress: bool = True
     stop_after: int | None = None
     init_from: str | None = None
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -151,6 +166,9 @@ class TrainConfig:
             raise ConfigError(f"train.stop_after must be >= 1 or null, got {t.stop_after}")
         if t.keep_checkpoints is not None and t.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints must be >= 1 or null, got {t.keep_checkpoints}")
+        unknown = sorted(set(t.freeze) - set(FREEZABLE))
+        if unknown:
+            raise ConfigError(f"train.freeze: unknown part(s) {unknown}; choose from {list(FREEZABLE)}")
         if d.image_size is not None and d.image_size < 16:
             raise ConfigError(f"data.image_size must be >= 16, got {d.image_size}")
         if d.split is not None and d.split not in ("train", "val", "test"):

@@ -22,7 +22,7 @@ import json
 import math
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,17 @@ FINAL_DIR = "final"
 LOSS_KEYS = ("loss", "loss_txt", "loss_bce", "loss_dice", "loss_pbsd")
 # Config parts that must match for an exact resume.
 RESUME_KEYS = ("model", "data", "dssl")
-RESUME_TRAIN_KEYS = ("batch_size", "grad_accum", "seed", "dssl", "lr", "weight_decay", "betas", "eps")
+RESUME_TRAIN_KEYS = (
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "dssl",
+    "lr",
+    "weight_decay",
+    "betas",
+    "eps",
+    "freeze",
+)
 
 
 @dataclass
@@ -75,6 +85,24 @@ def lr_factor(step: int, warmup: int, total: int, kind: str, floor: float) -> fl
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def freeze_parts(model: nn.Module, parts: Sequence[str]) -> int:
+    """Stop training the named parts (``train.freeze``: top-level module names, ``lora`` = the LoRA weights);
+    returns how many parameters were frozen. A part this model does not train is an error."""
+    frozen = 0
+    for part in parts:
+        hit = [
+            p
+            for n, p in model.named_parameters()
+            if p.requires_grad and (("lora_" in n) if part == "lora" else n.split(".")[0] == part)
+        ]
+        if not hit:
+            raise ConfigError(f"train.freeze: this model trains no '{part}' parameters")
+        for p in hit:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -145,6 +173,7 @@ class Trainer:
             fresh = self.model.load_trainable(init_from, keep_fresh=("mask_prompt.",))
             if fresh and self.rank == 0:
                 print(f"{init_from}: {len(fresh)} mask_prompt tensors not in it start fresh", file=sys.stderr)
+        freeze_parts(self.model, t.freeze)
         tasks = cfg.data.tasks
         self.dataset = InstructionDataset(
             samples,
