@@ -6,7 +6,9 @@ normal description the training data uses (`vmad.data.text.normal_answers`: "No 
 "anomalous" otherwise. Reported per set: how often each verdict is given to normal and to anomalous images,
 and the balanced accuracy; then two rankings of the same images: by the LLM's text score (minus the
 teacher-forced log-likelihood of that normal description after "It is <seg>.", `VMADModel.answer_logprobs`:
-does the LLM hold any image signal that greedy decoding hides?) and by the mask-based image score.
+does the LLM hold any image signal that greedy decoding hides?) and by the mask-based image score. Last, the
+verdict of the binary mask itself (non-empty = anomalous; `vmad detect`'s mask, probability > 0.5) as a
+reference, and how often the answer's verdict agrees with it (is the answer grounded in the mask shown?).
 
     python benchmarks/answer_verdicts.py --model small --out benchmarks/results/answer_verdicts.md
 """
@@ -58,7 +60,7 @@ def main() -> int:
         dataset = load_dataset(SHARED / name)
         for class_name in dataset.class_names():
             samples = subsample(dataset.select(class_name=class_name, split="test"), int(cap or 0) or None)
-            labels, normal_said, scores, text_scores = [], [], [], []
+            labels, normal_said, scores, text_scores, mask_hit = [], [], [], [], []
             question = detector.default_question(class_name, answer=True)
             seg_answer = detector.model.config.llm.seg_answer
             normal = f"{seg_answer} {normal_answers(class_name)['description']}"
@@ -68,23 +70,29 @@ def main() -> int:
                 labels.append(sample.label)
                 normal_said.append(says_normal(det.answer or "", class_name))
                 scores.append(det.anomaly_score)
+                mask_hit.append(bool(det.mask.any()))
                 tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255.0)[None]
                 lp = detector.model.answer_logprobs(tensor, question, normal, after=seg_answer)
                 text_scores.append(-float(lp[0]))
-            y, said = np.array(labels), np.array(normal_said)
+            y, said, hit = np.array(labels), np.array(normal_said), np.array(mask_hit)
             n_norm, n_anom = int((y == 0).sum()), int((y == 1).sum())
             tnr = float(said[y == 0].mean()) if n_norm else float("nan")
             tpr = float((~said[y == 1]).mean()) if n_anom else float("nan")
             balanced = (tnr + tpr) / 2 if n_norm and n_anom else float("nan")
+            mask_tnr = float((~hit[y == 0]).mean()) if n_norm else float("nan")
+            mask_tpr = float(hit[y == 1].mean()) if n_anom else float("nan")
+            mask_balanced = (mask_tnr + mask_tpr) / 2 if n_norm and n_anom else float("nan")
+            agree = float((said != hit).mean())
             both = n_norm and n_anom
             auroc = image_auroc(y, np.array(scores)) if both else float("nan")
             text_auroc = image_auroc(y, np.array(text_scores)) if both else float("nan")
             cells = [name, class_name, f"{n_norm} / {n_anom}", pct(tnr), pct(tpr), pct(balanced),
-                     pct(text_auroc), pct(auroc)]
+                     pct(text_auroc), pct(auroc), pct(mask_balanced), pct(agree)]
             rows.append("| " + " | ".join(cells) + " |")
             print(rows[-1], flush=True)
     head = ["Data (test split)", "class", "normal / anomalous", "normal said normal", "anomalous said defect",
-            "balanced acc.", "text-score Img AUROC", "mask-score Img AUROC"]
+            "balanced acc.", "text-score Img AUROC", "mask-score Img AUROC", "mask verdict balanced acc.",
+            "answer agrees with mask"]
     details = [
         f"- VMAD weights: `{args.model}`; answer mode with the default question (segmentation + description,",
         "  object = class name), greedy generation, 96 new tokens at most; one image at a time",
@@ -94,7 +102,9 @@ def main() -> int:
         'was found"; "anomalous said defect": share of anomalous images whose answer does not; balanced',
         "acc.: their mean (50 = no better than a constant answer). Text-score Img AUROC: the images ranked",
         "by -log p(normal description | image, question, \"It is <seg>.\"); mask-score Img AUROC: ranked by",
-        "the mask-based image score (`vmad eval`'s image score).",
+        "the mask-based image score (`vmad eval`'s image score). Mask verdict: anomalous when the binary",
+        "mask (probability > 0.5) is non-empty; answer agrees with mask: share of images where the answer's",
+        "verdict equals the mask verdict.",
     ]
     write_report(args.out, "Does the text answer tell normal from anomalous?", details, head, rows, notes)
     return 0

@@ -602,3 +602,13 @@ def test_fine_tune_load_keeps_a_new_mask_prompt_fresh(tmp_path: Path) -> None:
     again = VMADModel.from_pretrained(tmp_path / "with_prompt")
     assert again.mask_prompt is not None
     torch.testing.assert_close(again.mask_prompt.mlp[-1].weight, model.mask_prompt.mlp[-1].weight)
+
+
+def test_stage2_config_describes_the_packaged_small_weights() -> None:
+    """configs/vmad_small_stage2.yaml is the recipe of the shipped weights: same model (the trainer copies
+    dssl.lambda_pbsd into loss.pbsd), so fine-tuning from ``small`` with it loads every tensor."""
+    recipe = yaml.safe_load((REPO / "configs" / "vmad_small_stage2.yaml").read_text())
+    shipped = json.loads((REPO / "src" / "vmad" / "weights" / "small" / "config.json").read_text())["config"]
+    recipe["model"]["loss"]["pbsd"] = recipe["dssl"]["lambda_pbsd"]
+    assert VMADConfig.from_dict(recipe["model"]).to_dict() == VMADConfig.from_dict(shipped).to_dict()
+    assert shipped["llm"]["mask_prompt_tokens"] > 0
