@@ -335,6 +335,13 @@ class VMADModel(nn.Module):
         low = self.mask_decoder(self.image_embeddings(images, last, levels), prompts)
         return F.interpolate(low.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
+    def _mask_probs(
+        self, rows: Tensor, images: Tensor, last: Tensor, levels: Sequence[Tensor], h_seg: Tensor
+    ) -> Tensor:
+        """Mask probabilities at the input size for the samples ``rows`` of a batch, from their H̄_seg."""
+        lv = [level[rows] for level in levels]
+        return self.mask_logits(images[rows], last[rows], lv, h_seg, tuple(images.shape[-2:])).sigmoid()
+
     def _teacher_forced(
         self, images: Tensor, ids: Tensor, attn: Tensor, labels: Tensor | None
     ) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor, Tensor, Tensor | None]:
@@ -373,10 +380,7 @@ class VMADModel(nn.Module):
             with torch.no_grad():
                 a = xattn[:, :end]
                 h = self._run_llm(embeds[:, :end], a, (a.cumsum(-1) - 1).clamp(min=0))
-                pos = self.seg_positions(xids)[sel]
-                probs = self.mask_logits(
-                    images[sel], last[sel], [lv[sel] for lv in levels], h[sel, pos], tuple(images.shape[-2:])
-                ).sigmoid()
+                probs = self._mask_probs(sel, images, last, levels, h[sel, self.seg_positions(xids)[sel]])
             prompts[sel] = self.mask_prompt(probs).to(embeds.dtype)
         e_out, i_out, a_out, l_out = [], [], [], []
         for b in range(len(xids)):
@@ -532,7 +536,7 @@ class VMADModel(nn.Module):
                 if is_seg[b] and seg_h[b] is None:
                     seg_h[b] = h_last[b]
             fresh = [b for b in range(n) if bool(is_seg[b]) and probs[b] is None]
-            if self.mask_prompt is not None and fresh:
+            if fresh and self.mask_prompt is not None:  # the mask, then its prompt, right after <seg>
                 h_last, next_pos, xattn = self._feed_mask_prompt(
                     fresh, seg_h, probs, images, last, levels, h_last, next_pos, xattn, cache
                 )
@@ -540,23 +544,15 @@ class VMADModel(nn.Module):
                 break
         texts = [self._decode(g, stop) for g in generated]
         scores: list[float | None] = [None] * n
+        idx = [b for b in range(n) if seg_h[b] is not None and probs[b] is None]  # mask prompt off
+        if idx:
+            sel = torch.tensor(idx, device=self.device)
+            p = self._mask_probs(sel, images, last, levels, torch.stack([seg_h[b] for b in idx]))  # type: ignore[misc]
+            for j, b in enumerate(idx):
+                probs[b] = p[j]
         for b in range(n):
             if probs[b] is not None:
                 scores[b] = float(image_scores(probs[b][None], self.config.score)[0])
-        idx = [b for b in range(n) if seg_h[b] is not None and probs[b] is None]
-        if idx:
-            sel = torch.tensor(idx, device=self.device)
-            logits = self.mask_logits(
-                images[sel],
-                last[sel],
-                [lv[sel] for lv in levels],
-                torch.stack([seg_h[b] for b in idx]),
-                tuple(images.shape[-2:]),
-            )
-            p = logits.sigmoid()
-            s = image_scores(p, self.config.score)
-            for j, b in enumerate(idx):
-                probs[b], scores[b] = p[j], float(s[j])
         return GenerationResult(texts=texts, token_ids=generated, probs=probs, scores=scores)
 
     def _feed_mask_prompt(
@@ -577,13 +573,7 @@ class VMADModel(nn.Module):
         Returns the updated ``(h_last, next_pos, attention_mask)``."""
         assert self.mask_prompt is not None
         sel = torch.tensor(fresh, device=self.device)
-        p = self.mask_logits(
-            images[sel],
-            last[sel],
-            [lv[sel] for lv in levels],
-            torch.stack([seg_h[b] for b in fresh]),  # type: ignore[misc]
-            tuple(images.shape[-2:]),
-        ).sigmoid()
+        p = self._mask_probs(sel, images, last, levels, torch.stack([seg_h[b] for b in fresh]))  # type: ignore[misc]
         for j, b in enumerate(fresh):
             probs[b] = p[j]
         n_tok, n = self.mask_prompt.n_tokens, len(h_last)
