@@ -29,12 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vmad.model.backbones import load_efficientnet_lite0
+from vmad.model.build import build_projector
 from vmad.model.config import VisionConfig
 from vmad.model.dssl import DSSLConfig, crop_patch_tokens, sample_boxes
-from vmad.model.projectors import ProjectorConfig, build_projector, tokens_to_map
+from vmad.model.efficientnet import load_efficientnet_lite0
+from vmad.model.image_encoders import EfficientNetVisionEncoder
+from vmad.model.layers import tokens_to_map
+from vmad.model.projectors import ProjectorConfig
 from vmad.model.roi import crop_patches, roi_tokens
-from vmad.model.vision import EfficientNetVisionEncoder
 
 DEFAULTS = {
     "batch": 2,

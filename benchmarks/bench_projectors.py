@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from _machine import machine_description  # benchmarks/_machine.py
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from vmad.model.projectors import ProjectorConfig, build_projector, table_v_variants  # noqa: E402
+from vmad.model.build import build_projector  # noqa: E402
+from vmad.model.projectors import ProjectorConfig, table_v_variants  # noqa: E402
 
 IN_DIM, LEVEL_DIMS, LLM_DIM = 112, [80, 80, 112, 112], 576
 LOAD_START: tuple[float, float, float] = (0.0, 0.0, 0.0)

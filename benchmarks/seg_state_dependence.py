@@ -55,9 +55,9 @@ class FixedSegStateScorer(VMADScorer):
             captured: list[torch.Tensor] = []
             original = type(model).mask_logits
 
-            def capture(images, last, levels, h_seg, size):  # noqa: ANN001, ANN202
+            def capture(encoded, h_seg, size):  # noqa: ANN001, ANN202
                 captured.append(h_seg.detach().clone())
-                return original(model, images, last, levels, h_seg, size)
+                return original(model, encoded, h_seg, size)
 
             model.mask_logits = capture
             try:
@@ -74,8 +74,8 @@ class FixedSegStateScorer(VMADScorer):
         state = self._reference_state(class_name)
         original = type(model).mask_logits
 
-        def fixed(images_t, last, levels, h_seg, size):  # noqa: ANN001, ANN202
-            return original(model, images_t, last, levels, state.expand_as(h_seg), size)
+        def fixed(encoded, h_seg, size):  # noqa: ANN001, ANN202
+            return original(model, encoded, state.expand_as(h_seg), size)
 
         model.mask_logits = fixed
         try:

@@ -13,8 +13,9 @@ from PIL import Image
 from vmad.cli import main
 from vmad.data import load_dataset, read_image, read_mask
 from vmad.data.build_riad import BuildConfig, build_riad, select_samples
+from vmad.data.coco import rasterize
 from vmad.data.records import ANOMALOUS, NORMAL, Sample
-from vmad.data.riad import annotations_of, rasterize, semantic_mask
+from vmad.data.riad import annotations_of, semantic_mask
 from vmad.data.text import CATEGORIES_BY_NAME, SYNTHETIC_CATEGORY
 from vmad.errors import DataError
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from vmad.data import DATA_FORMATS, FolderConfig, MagneticTileConfig, detect_format, load_dataset, read_mask
-from vmad.data.riad import annotations_of, rle_decode, rle_encode, semantic_mask
+from vmad.data.coco import rle_decode, rle_encode
+from vmad.data.riad import annotations_of, semantic_mask
 from vmad.errors import ConfigError, DataError
 
 
@@ -289,7 +290,7 @@ def test_folder_config_validation() -> None:
         FolderConfig(default_split="holdout")
 
 
-# ------------------------------------------------------------------------------------- real-set presets
+# ------------------------------------------------------------------------- real-set formats (data/formats.py)
 
 
 def _write_magnetic_tile(fx, root: Path) -> Path:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vmad.cli import main
-from vmad.infer import detector as detector_mod
+from vmad.model import weights_io
 from vmad.model.build import build_vmad
 
 
@@ -108,7 +108,7 @@ def test_no_processable_image_is_an_error(tiny_ckpt, tmp_path, capsys):
 
 
 def test_model_small_without_packaged_weights_is_one_line(image_folder, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(detector_mod, "packaged_weights_dir", lambda name="small": tmp_path / "absent")
+    monkeypatch.setattr(weights_io, "packaged_weights_dir", lambda name="small": tmp_path / "absent")
     assert _detect(str(image_folder), "--model", "small", "--out", str(tmp_path / "o")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: the packaged 'small' weights are not installed")

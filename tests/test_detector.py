@@ -13,12 +13,12 @@ from PIL import Image
 from vmad.cli import main
 from vmad.data.prompts import SEG_QUESTION
 from vmad.errors import ConfigError, VMADError
-from vmad.infer import detector as detector_mod
 from vmad.infer.detector import Detection, Detector, DetectorConfig, build_scorer, resolve_model_path
 from vmad.infer.render import heat_colors, mask_contour, overlay, save_png
+from vmad.model import weights_io
 from vmad.model.build import build_vmad
-from vmad.model.llm import PromptLayout
-from vmad.model.vmad import GenerationResult
+from vmad.model.chat_format import ChatMLFormat
+from vmad.model.outputs import GenerationResult
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_chat_folds_history_into_the_prompt(tiny_model, monkeypatch):
     t2 = det.chat(img, t1.history, "Where is it?")
     assert asked[0] == "Is there a defect?"
     assert asked[1] == f"Is there a defect? ASSISTANT: {t1.answer}</s>USER: Where is it?"
-    prompt = tiny_model.layout.prompt(asked[1])
+    prompt = tiny_model.chat_format.prompt(asked[1])
     expected = f"USER: <image>\nIs there a defect? ASSISTANT: {t1.answer}</s>USER: Where is it? ASSISTANT:"
     assert prompt.endswith(expected)
     assert t2.history == [("Is there a defect?", t1.answer), ("Where is it?", t2.answer)]
@@ -155,9 +155,9 @@ def test_chat_folds_history_into_the_prompt(tiny_model, monkeypatch):
 
 def test_chat_history_in_chatml_markup(tiny_model, monkeypatch):
     det = Detector(tiny_model)
-    monkeypatch.setattr(tiny_model, "layout", PromptLayout("chatml", "sys", "<image>"))
+    monkeypatch.setattr(tiny_model, "chat_format", ChatMLFormat("sys", "<image>"))
     folded = det.fold_history([("q1", "a1"), ("q2", "a2")], "q3")
-    prompt = tiny_model.layout.prompt(folded)
+    prompt = tiny_model.chat_format.prompt(folded)
     assert prompt == (
         "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\n<image>\nq1<|im_end|>\n<|im_start|>assistant\n"
         "a1<|im_end|>\n<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\na2<|im_end|>\n"
@@ -177,7 +177,7 @@ def test_from_pretrained_loads_the_trained_parts(tiny_model, tiny_ckpt):
 
 
 def test_missing_weights_give_clear_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr(detector_mod, "packaged_weights_dir", lambda name="small": tmp_path / "absent")
+    monkeypatch.setattr(weights_io, "packaged_weights_dir", lambda name="small": tmp_path / "absent")
     with pytest.raises(VMADError, match="packaged 'small' weights are not installed"):
         resolve_model_path("small")
     with pytest.raises(VMADError, match="no such model folder"):

@@ -221,7 +221,7 @@ def test_gradient_reaches_text_side_only() -> None:
     out = model(f, 64, boxes, tv, glob, tx, ["a", "a", "b", "a"], [True, True, False, True])
     assert out.loss.item() > 0 and bool(out.has_positive.all())
     assert not out.v.requires_grad and not out.z.requires_grad
-    out.weighted.backward()
+    out.loss.backward()
     for p in list(model.g_alpha.parameters()) + list(model.g_beta.parameters()):
         assert p.grad is None
     assert f.grad is None

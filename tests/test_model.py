@@ -12,16 +12,17 @@ import yaml
 
 from vmad.cli import main
 from vmad.errors import VMADError
-from vmad.model.build import PRESETS, build_vmad, preset_config
+from vmad.model.build import PRESETS, build_vmad, load_pretrained, preset_config
+from vmad.model.chat_format import tokenize_dialogues
 from vmad.model.config import ScoreConfig, VMADConfig
-from vmad.model.llm import build_tiny_tokenizer, tokenize_dialogues
-from vmad.model.vmad import VMADModel, image_scores
+from vmad.model.llm import build_tiny_tokenizer
+from vmad.model.scoring import image_scores
+from vmad.model.vmad import VMADModel
+from vmad.model.weights_io import merge_lora
+from vmad.train.config import load_train_config, resolve_model_section
+from vmad_testing import SEG_Q, TEXT_Q, loss_dict
 
 REPO = Path(__file__).resolve().parents[1]
-SEG_Q = (
-    "Are there any abnormalities present in the bottle? If so, please output the defect segmentation result."
-)
-TEXT_Q = "Are there any abnormalities present in the bottle?"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(tiny: VMADModel) -> No
     model = tiny
     model.zero_grad(set_to_none=True)
     model.train()
-    out = model(_batch(model))
+    out = loss_dict(model, _batch(model))
     out["loss"].backward()
     model.eval()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -60,9 +61,9 @@ def test_gradients_reach_exactly_the_trainable_parameters(tiny: VMADModel) -> No
     base = model.base_lm()
     assert not base.get_input_embeddings().weight.requires_grad
     assert not base.get_output_embeddings().weight.requires_grad
-    seg_row = model.new_token_ids_list.index(model.seg_token_id)
-    assert model.new_token_embed.grad[seg_row].abs().sum() > 0
-    assert model.new_token_out.grad[seg_row].abs().sum() > 0
+    seg_row = model.new_token_rows.token_ids.index(model.seg_token_id)
+    assert model.new_token_rows.embed.grad[seg_row].abs().sum() > 0
+    assert model.new_token_rows.out.grad[seg_row].abs().sum() > 0
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("seg_head."))
     model.zero_grad(set_to_none=True)
 
@@ -74,14 +75,14 @@ def test_overfitting_one_batch_lowers_every_loss() -> None:
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     model.train()
     with torch.no_grad():
-        first = {k: float(v) for k, v in model(batch).items() if k.startswith("loss")}
+        first = {k: float(v) for k, v in loss_dict(model, batch).items() if k.startswith("loss")}
     for _ in range(60):
         opt.zero_grad()
-        model(batch)["loss"].backward()
+        loss_dict(model, batch)["loss"].backward()
         opt.step()
     model.eval()
     with torch.no_grad():
-        last = {k: float(v) for k, v in model(batch).items() if k.startswith("loss")}
+        last = {k: float(v) for k, v in loss_dict(model, batch).items() if k.startswith("loss")}
     for key in ("loss_txt", "loss_bce", "loss_dice", "loss"):
         assert last[key] < first[key], (key, first[key], last[key])
     assert last["loss_bce"] < 0.5 * first["loss_bce"] and last["loss_dice"] < 0.5 * first["loss_dice"]
@@ -92,7 +93,9 @@ def test_overfitting_one_batch_lowers_every_loss() -> None:
 def test_text_only_batch_has_zero_mask_loss(tiny: VMADModel) -> None:
     batch = tiny.prepare_batch(torch.rand(1, 3, 64, 64), [TEXT_Q], ["No."])
     with torch.no_grad():
-        out = tiny(batch)
+        output = tiny(batch)
+        out = loss_dict(tiny, batch)
+    assert output.mask_logits is None and len(output.mask_rows) == 0
     assert float(out["loss_bce"]) == 0.0 and float(out["loss_dice"]) == 0.0
     assert float(out["loss"]) == pytest.approx(float(out["loss_txt"]))
 
@@ -108,7 +111,7 @@ def test_save_load_round_trip_reproduces_outputs(tmp_path: Path) -> None:
     batch = _batch(model)
     with torch.no_grad():
         ref_seg = model.segment(images, SEG_Q)
-        ref_loss = model(batch)
+        ref_loss = loss_dict(model, batch)
     folder = model.save_trainable(tmp_path / "ckpt")
     meta = json.loads((folder / "config.json").read_text())
     assert meta["config"]["preset"] == "tiny"
@@ -117,18 +120,19 @@ def test_save_load_round_trip_reproduces_outputs(tmp_path: Path) -> None:
     keys = set(load_file(str(folder / "model.safetensors")))
     assert not any(k.startswith(("vision_encoder.", "visual_backbone.")) for k in keys)
     assert not any("embed_tokens" in k or "lm_head" in k for k in keys)
-    assert {"new_token_embed", "new_token_out"} <= keys and any("lora_A" in k for k in keys)
+    assert {"new_token_rows.embed", "new_token_rows.out"} <= keys and any("lora_A" in k for k in keys)
+    assert meta["version"] == 2
 
-    loaded = VMADModel.from_pretrained(folder)
+    loaded = load_pretrained(folder)
     with torch.no_grad():
         seg = loaded.segment(images, SEG_Q)
-        loss = loaded(batch)
+        loss = loss_dict(loaded, batch)
     assert torch.equal(seg.probs, ref_seg.probs)
     assert torch.equal(seg.scores, ref_seg.scores)
     for key in ("loss", "loss_txt", "loss_bce", "loss_dice"):
         assert torch.equal(loss[key], ref_loss[key])
 
-    merged = loaded.merge_lora()
+    merged = merge_lora(loaded)
     with torch.no_grad():
         after = loaded.segment(images, SEG_Q)
     assert not hasattr(loaded.llm, "merge_and_unload") and merged is loaded.llm
@@ -147,38 +151,36 @@ def test_load_rejects_mismatched_checkpoint(tmp_path: Path) -> None:
         build_vmad(config).load_trainable(folder)
 
 
-def test_inference_load_skips_unattached_training_aux_modules(tmp_path: Path) -> None:
-    """A training checkpoint carries DSSL-style aux heads; an inference model without them still loads it
-    (the aux weights are skipped) and gives the trained outputs, while other mismatches stay errors."""
-
-    class Head(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = torch.nn.Linear(4, 4)
-
-        def forward(self, context: dict) -> dict:
-            return {}
+def test_version_1_files_load_under_current_names(tmp_path: Path) -> None:
+    """Files written before the model was split (format version 1: ``new_token_embed``/``new_token_out``,
+    DSSL heads under ``aux_modules.``) load onto the current model with the same outputs."""
+    from safetensors.torch import load_file, save_file
 
     trained = build_vmad("tiny")
-    trained.attach_aux("pbsd", Head())
     with torch.no_grad():
         g = torch.Generator().manual_seed(5)
-        for p in trained.mask_decoder.parameters():
+        for p in trained.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    folder = trained.save_trainable(tmp_path / "ckpt")
-    from safetensors.torch import load_file
-
-    assert any(k.startswith("aux_modules.pbsd.") for k in load_file(str(folder / "model.safetensors")))
+    folder = trained.save_trainable(tmp_path / "v2")
+    renamed = {"new_token_rows.embed": "new_token_embed", "new_token_rows.out": "new_token_out"}
+    state = {renamed.get(k, k): v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    state["aux_modules.pbsd.dssl.meta_net.0.weight"] = torch.zeros(2, 2)
+    old = tmp_path / "v1"
+    old.mkdir()
+    save_file(state, str(old / "model.safetensors"))
+    meta = json.loads((folder / "config.json").read_text())
+    meta.update(version=1, aux_modules=["pbsd"])
+    (old / "config.json").write_text(json.dumps(meta))
+    loaded = load_pretrained(old)
     images = torch.rand(1, 3, 64, 64, generator=g)
-    loaded = VMADModel.from_pretrained(folder)
-    assert "pbsd" not in loaded.aux_modules
     with torch.no_grad():
         assert torch.equal(loaded.segment(images, SEG_Q).probs, trained.segment(images, SEG_Q).probs)
-    other = build_vmad("tiny")
-    other.attach_aux("pbsd", torch.nn.Linear(2, 2))  # attached but different: still an error
-    with pytest.raises(VMADError, match="does not match"):
-        other.load_trainable(folder)
+    assert torch.equal(loaded.new_token_rows.out, trained.new_token_rows.out)
+    meta["version"] = 3
+    (old / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(VMADError, match="newer vmad"):
+        load_pretrained(old)
 
 
 def _force_logits(model: VMADModel, monkeypatch: pytest.MonkeyPatch, tokens: list[int]) -> None:
@@ -201,7 +203,7 @@ def test_generate_yields_mask_of_input_size_matching_fast_path(
     tiny: VMADModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = tiny
-    answer = model.layout.answer(model.config.llm.seg_answer, model.tokenizer.eos_token)
+    answer = model.chat_format.answer(model.config.llm.seg_answer, model.tokenizer.eos_token)
     tokens = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
     assert model.seg_token_id in tokens
     _force_logits(model, monkeypatch, tokens)
@@ -233,13 +235,14 @@ def test_seg_position_follows_the_number_of_visual_tokens(padding_side: str) -> 
         model = build_vmad(_tiny_config(kind=kind))
         m = model.projector.num_output_tokens(model.vision_encoder.grid)
         enc = tokenize_dialogues(
-            model.tokenizer, model.layout, [SEG_Q, "Short?"], ["It is <seg>.", "Yes <seg>"], padding_side
+            model.tokenizer, model.chat_format, [SEG_Q, "Short?"], ["It is <seg>.", "Yes <seg>"], padding_side
         )
         images = torch.rand(2, 3, 64, 64)
         with torch.no_grad():
-            _, _, vis = model.encode_images(images)
-            assert vis.shape[1] == m
-            _, xids, xattn, _ = model._splice(enc["input_ids"], enc["attention_mask"], None, vis)
+            encoded = model.encode_images(images)
+            assert encoded.visual_tokens.shape[1] == m
+            seq = model.splice_images(enc["input_ids"], enc["attention_mask"], encoded)
+        xids, xattn = seq.ids, seq.attention
         pos = model.seg_positions(xids)
         for b in range(2):
             raw = enc["input_ids"][b].tolist()
@@ -254,10 +257,10 @@ def test_before_seg_rule_uses_the_predicting_state() -> None:
     cfg = preset_config("tiny")
     cfg.llm.seg_state = "before_seg"
     model = build_vmad(cfg)
-    enc = tokenize_dialogues(model.tokenizer, model.layout, [SEG_Q, TEXT_Q], ["It is <seg>.", "No."])
+    enc = tokenize_dialogues(model.tokenizer, model.chat_format, [SEG_Q, TEXT_Q], ["It is <seg>.", "No."])
     with torch.no_grad():
-        _, _, vis = model.encode_images(torch.rand(2, 3, 64, 64))
-        _, xids, _, _ = model._splice(enc["input_ids"], enc["attention_mask"], None, vis)
+        encoded = model.encode_images(torch.rand(2, 3, 64, 64))
+        xids = model.splice_images(enc["input_ids"], enc["attention_mask"], encoded).ids
     pos = model.seg_positions(xids)
     assert int(xids[0, pos[0] + 1]) == model.seg_token_id and int(pos[1]) == -1
 
@@ -272,25 +275,6 @@ def test_padded_vocabulary_never_shrinks() -> None:
     grown = build_vmad(cfg)
     assert grown.base_lm().get_input_embeddings().weight.shape[0] == tok_len
     assert grown.base_lm().get_output_embeddings().weight.shape[0] == tok_len
-
-
-def test_aux_loss_hook_is_weighted(tiny: VMADModel) -> None:
-    class Constant(torch.nn.Module):
-        def forward(self, context: dict) -> dict[str, torch.Tensor]:
-            assert context["visual_tokens"].shape[1] == 16
-            return {"loss_pbsd": torch.tensor(3.0), "loss_probe": torch.tensor(2.0)}
-
-    batch = _batch(tiny)
-    with torch.no_grad():
-        base = float(tiny(batch)["loss"])
-        tiny.config.loss.extra["probe"] = 0.25
-        try:
-            out = tiny(batch, aux_losses=[Constant()])
-        finally:
-            tiny.config.loss.extra.clear()
-    # λ_pbsd = 0 until DSSL; "probe" weighted 0.25
-    assert float(out["loss"]) == pytest.approx(base + 0.25 * 2.0, abs=1e-5)
-    assert float(out["loss_pbsd"]) == 3.0
 
 
 def test_image_score_rules() -> None:
@@ -315,10 +299,9 @@ def test_tiny_tokenizer_is_deterministic_and_lossless() -> None:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_config_files_match_presets(preset: str) -> None:
     data = yaml.safe_load((REPO / "configs" / f"{preset}.yaml").read_text())
-    assert VMADConfig.from_dict(data["model"]).to_dict() == preset_config(preset).to_dict()
-    assert (
-        VMADConfig.from_yaml(REPO / "configs" / f"{preset}.yaml").to_dict() == preset_config(preset).to_dict()
-    )
+    assert data["model"] == {"preset": preset}  # the preset, no overrides
+    assert VMADConfig.from_dict(resolve_model_section(data["model"])) == preset_config(preset)
+    assert load_train_config(REPO / "configs" / f"{preset}.yaml").model == preset_config(preset)
 
 
 def _summary(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
@@ -480,7 +463,7 @@ def test_answer_logprobs_equal_the_text_loss_and_skip_the_given_start(tiny: VMAD
         for i, answer in enumerate(answers):  # sum of log p over the answer = -(mean CE) x (answer tokens)
             batch = tiny.prepare_batch(images[i : i + 1], [TEXT_Q], [answer])
             with torch.no_grad():
-                loss = tiny(batch)["loss_txt"]
+                loss = loss_dict(tiny, batch)["loss_txt"]
             n = int((batch["labels"] != -100).sum())
             assert float(got[i]) == pytest.approx(-float(loss) * n, rel=1e-4)
         seg = ["It is <seg>. No defect.", "It is <seg>. A scratch."]
@@ -527,7 +510,8 @@ def test_mask_prompt_generation_matches_teacher_forcing(monkeypatch: pytest.Monk
     per-token log-probs as the two-pass teacher-forced path, for a left-padded batch of two questions."""
     model = _mask_prompt_model()
     answer = "It is <seg>. A scratch."
-    tokens = model.tokenizer(model.layout.answer(answer, model.tokenizer.eos_token), add_special_tokens=False)
+    eos = model.tokenizer.eos_token
+    tokens = model.tokenizer(model.chat_format.answer(answer, eos), add_special_tokens=False)
     tokens = tokens["input_ids"]
     images = torch.rand(2, 3, 64, 64)
     questions = [SEG_Q, "Any defect?"]
@@ -572,13 +556,13 @@ def test_mask_prompt_conditions_only_the_text_after_seg() -> None:
 def test_mask_prompt_training_loss_and_gradients() -> None:
     model = _mask_prompt_model().train()
     batch = _batch(model)
-    out = model(batch)
+    out = loss_dict(model, batch)
     n = int((batch["labels"] != -100).sum())  # the prompt's positions carry no label
     model.eval()
     with torch.no_grad():
         answers = ["It is <seg>.", "No, the bottle is normal."]
         lp = model.answer_logprobs(batch["images"], [SEG_Q, TEXT_Q], answers)
-        ev = model(batch)
+        ev = loss_dict(model, batch)
     assert float(lp.sum()) == pytest.approx(-float(ev["loss_txt"]) * n, rel=1e-4)
     out["loss"].backward()
     grads = {name: p.grad for name, p in model.mask_prompt.named_parameters()}
@@ -599,16 +583,17 @@ def test_fine_tune_load_keeps_a_new_mask_prompt_fresh(tmp_path: Path) -> None:
     assert sorted(fresh) == sorted(f"mask_prompt.{k}" for k in model.mask_prompt.state_dict())
     torch.testing.assert_close(model.seg_head.net[0].weight, plain.seg_head.net[0].weight)
     model.save_trainable(tmp_path / "with_prompt")
-    again = VMADModel.from_pretrained(tmp_path / "with_prompt")
+    again = load_pretrained(tmp_path / "with_prompt")
     assert again.mask_prompt is not None
     torch.testing.assert_close(again.mask_prompt.mlp[-1].weight, model.mask_prompt.mlp[-1].weight)
 
 
 def test_stage2_config_describes_the_packaged_small_weights() -> None:
-    """configs/vmad_small_stage2.yaml is the recipe of the shipped weights: same model (the trainer copies
-    dssl.lambda_pbsd into loss.pbsd), so fine-tuning from ``small`` with it loads every tensor."""
+    """configs/vmad_small_stage2.yaml is the recipe of the shipped weights: same model (the saved config
+    holds the legacy ``loss.extra: {}``, which ``VMADConfig.from_dict`` drops), so fine-tuning from ``small``
+    with it loads every tensor."""
     recipe = yaml.safe_load((REPO / "configs" / "vmad_small_stage2.yaml").read_text())
     shipped = json.loads((REPO / "src" / "vmad" / "weights" / "small" / "config.json").read_text())["config"]
-    recipe["model"]["loss"]["pbsd"] = recipe["dssl"]["lambda_pbsd"]
-    assert VMADConfig.from_dict(recipe["model"]).to_dict() == VMADConfig.from_dict(shipped).to_dict()
+    resolved = VMADConfig.from_dict(resolve_model_section(recipe["model"]))
+    assert resolved.to_dict() == VMADConfig.from_dict(shipped).to_dict()
     assert shipped["llm"]["mask_prompt_tokens"] > 0

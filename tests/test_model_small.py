@@ -80,7 +80,8 @@ def test_packaged_small_weights_segment_and_answer(smol_cache: Path) -> None:
     """The weights shipped in the package load offline and give a mask of the input's size, a score in
     [0, 1] and a non-empty answer on a bundled example image."""
     from vmad.data import read_image
-    from vmad.infer.detector import Detector, packaged_weights_dir
+    from vmad.infer.detector import Detector
+    from vmad.model.weights_io import packaged_weights_dir
 
     if not (packaged_weights_dir("small") / "model.safetensors").is_file():
         pytest.skip("packaged small weights are not installed")

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from vmad.errors import ConfigError
+from vmad.model.build import build_projector
 from vmad.model.deformable import DeformableAttention, grid_reference_points
 from vmad.model.ltc import LTC, CoarseToFineRefinement, window_index
-from vmad.model.projectors import PROJECTOR_KINDS, ProjectorConfig, build_projector, table_v_variants
+from vmad.model.projectors import PROJECTOR_KINDS, ProjectorConfig, table_v_variants
 
 C, LEVEL_DIMS, D = 32, [16, 16, 32, 32], 48
 TINY = {"heads": 4, "points": 2, "local_blocks": 1, "ffn_ratio": 1.0}

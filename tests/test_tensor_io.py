@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from vmad.atomic import default_file_mode
 from vmad.model.build import build_vmad
-from vmad.tensor_io import default_file_mode, save_safetensors
+from vmad.tensor_io import save_safetensors
 
 
 def _mode(path: Path) -> int:

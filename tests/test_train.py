@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from safetensors.torch import load_file
 
 from vmad.cli import main
 from vmad.errors import ConfigError, VMADError
-from vmad.model.vmad import VMADModel
+from vmad.model.build import load_pretrained
+from vmad.model.weights_io import trainable_state_dict
 from vmad.train import checkpoint as ckpt
 from vmad.train.config import load_train_config
 from vmad.train.dataset import EpochBatches
@@ -112,14 +114,15 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 
 def test_unknown_keys_are_clear_errors() -> None:
-    with pytest.raises(ConfigError, match=r"'train\.bogus'.*max_steps.*batch_size"):
-        load_train_config(TINY, ["train.bogus=1"])
-    with pytest.raises(ConfigError, match=r"'nonsense'.*top level.*output_dir"):
-        load_train_config(TINY, ["nonsense=1"])
-    with pytest.raises(ConfigError, match=r"'model\.vision\.depth'.*image_size"):
-        load_train_config(TINY, ["model.vision.depth=3"])
-    with pytest.raises(ConfigError, match=r"'dssl\.boxes'.*num_boxes"):
-        load_train_config(TINY, ["dssl.boxes=3"])
+    for override, where, key, valid in [
+        ("train.bogus=1", "train", "bogus", "batch_size"),
+        ("nonsense=1", "top-level", "nonsense", "output_dir"),
+        ("model.vision.depth=3", "model.vision", "depth", "image_size"),
+        ("dssl.boxes=3", "dssl", "boxes", "num_boxes"),
+    ]:
+        message = rf"^unknown {re.escape(where)} keys: \['{key}'\] \(valid: \[.*'{valid}'.*\]\)$"
+        with pytest.raises(ConfigError, match=message):
+            load_train_config(TINY, [override])
     with pytest.raises(ConfigError, match="train.max_steps"):
         load_train_config(TINY, ["train.max_steps=many"])
     with pytest.raises(ConfigError, match="key=value"):
@@ -197,12 +200,14 @@ def test_few_steps_log_checkpoint_final(riad: Path, tmp_path: Path) -> None:
     assert state["step"] == 4 and state["config"]["train"]["max_steps"] == 4
     memory = load_file(str(last / "dssl_rank0.safetensors"))
     assert "memory.meta" in memory and "generator" in memory
-    model = VMADModel.from_pretrained(out / "final")
-    assert not len(model.aux_modules)
+    model = load_pretrained(out / "final")
     trained = weights(last / "model")
+    assert set(weights(out / "final")) == set(trained) == set(trainable_state_dict(model))
     for key, value in weights(out / "final").items():
         assert torch.equal(value, trained[key])
-    assert any(k.startswith("aux_modules.pbsd.") for k in trained)
+    dssl = load_file(str(last / "dssl.safetensors"))  # DSSL heads and Meta-Net: in checkpoints, not in final/
+    assert any(k.startswith("dssl.meta_net.") for k in dssl)
+    assert not (out / "final" / "dssl.safetensors").exists()
     with pytest.raises(ConfigError, match="--resume"):  # an existing run is not silently mixed in
         run(riad, out, 4)
 
@@ -264,7 +269,7 @@ def test_cli_train_and_errors(riad: Path, tmp_path: Path, capsys: pytest.Capture
     assert rows[-1]["loss_pbsd"] is None  # DSSL off
     assert main([*args, "--set", "train.nope=1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: unknown config key 'train.nope'") and "Traceback" not in err
+    assert err.startswith("error: unknown train keys: ['nope'] (valid: [") and "Traceback" not in err
 
 
 def test_init_from_starts_from_trained_weights(riad: Path, tmp_path: Path) -> None:
@@ -275,8 +280,8 @@ def test_init_from_starts_from_trained_weights(riad: Path, tmp_path: Path) -> No
     def trainer(out: str, **extra: object) -> Trainer:
         return Trainer(load_train_config(TINY, tiny_overrides(riad, tmp_path / out, 2, **extra)))
 
-    fine = trainer("fine", **{"train.init_from": str(first / "final")}).model.trainable_state_dict()
-    fresh = trainer("fresh").model.trainable_state_dict()
+    fine = trainable_state_dict(trainer("fine", **{"train.init_from": str(first / "final")}).model)
+    fresh = trainable_state_dict(trainer("fresh").model)
     assert all(torch.equal(fine[k].cpu(), v) for k, v in saved.items())
     assert any(not torch.equal(fresh[k].cpu(), v) for k, v in saved.items())  # the 2 steps moved them
     with pytest.raises(VMADError, match="no such model folder"):
@@ -286,18 +291,14 @@ def test_init_from_starts_from_trained_weights(riad: Path, tmp_path: Path) -> No
     prompted = trainer(
         "prompted", **{"train.init_from": str(first / "final"), "model.llm.mask_prompt_tokens": 2}
     )
-    state = prompted.model.trainable_state_dict()
+    state = trainable_state_dict(prompted.model)
     assert all(torch.equal(state[k].cpu(), v) for k, v in saved.items())
-    added = {k for k in state if k not in saved and not k.startswith("aux_modules.")}
+    added = {k for k in state if k not in saved}
     frozen = trainer("frozen", **{"train.freeze": "[neck, mask_decoder, seg_head, lora]"}).model
     for name, p in frozen.named_parameters():
-        if name.startswith("aux_modules."):  # DSSL's own rules
-            continue
         part = "lora" if "lora_" in name else name.split(".")[0]
-        assert p.requires_grad == (
-            part in ("projector", "new_token_embed", "new_token_out", "aux_modules")
-        ), name
-    assert set(frozen.trainable_state_dict()) == set(fresh)  # frozen parts are still saved
+        assert p.requires_grad == (part in ("projector", "new_token_rows")), name
+    assert set(trainable_state_dict(frozen)) == set(fresh)  # frozen parts are still saved
     kept = run(
         riad,
         tmp_path / "kept",

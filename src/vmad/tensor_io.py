@@ -1,4 +1,4 @@
-"""Writing safetensors files with the permissions a user expects.
+"""Writing safetensors files atomically, with the permissions a user expects.
 
 ``safetensors.torch.save_file`` creates files readable by their owner only (0600); checkpoints and exported
 weights are meant to be shared, so :func:`save_safetensors` gives them the usual ``0666 & ~umask``.
@@ -12,21 +12,16 @@ from pathlib import Path
 
 from torch import Tensor
 
-
-def default_file_mode() -> int:
-    """``0o666`` minus the process umask (what ``open(path, "w")`` would give)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+from vmad.atomic import atomic_path, default_file_mode
 
 
 def save_safetensors(
     path: str | Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    """Save ``tensors`` (detached, contiguous, on the CPU) to ``path``, fsync'ed, with the default mode."""
+    """Save ``tensors`` (detached, contiguous, on the CPU) to ``path`` atomically (a temporary file beside
+    it, fsync'ed, then ``os.replace``), with the default file mode."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-    os.chmod(path, default_file_mode())
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, default_file_mode())

@@ -198,7 +198,7 @@ class EfficientNetLevels:
     """EfficientNet-Lite0 feature function for MuSc: chosen block outputs + pooled head feature."""
 
     def __init__(self, block_indices: Sequence[int], image_size: int, batch_size: int = 8) -> None:
-        from vmad.model.backbones import load_efficientnet_lite0
+        from vmad.model.efficientnet import load_efficientnet_lite0
 
         self.model = load_efficientnet_lite0(pretrained=True)
         n = len(self.model.blocks)
@@ -211,7 +211,7 @@ class EfficientNetLevels:
 
     @torch.no_grad()
     def __call__(self, images: Sequence[np.ndarray]) -> tuple[list[Tensor], Tensor]:
-        from vmad.model.backbones import preprocess
+        from vmad.model.efficientnet import preprocess
 
         levels: list[list[Tensor]] = [[] for _ in self.block_indices]
         pooled = []

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from vmad.infer.detector import Detection, Detector, DetectorConfig
 
 DEFAULT_OUT = "detect_output"
 
@@ -35,12 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--class-name", metavar="NAME", help="object name for the default question")
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder ({DEFAULT_OUT})")
     parser.add_argument("--json", action="store_true", help="print summary.json, not one line per image")
-    parser.add_argument("--model", default="small", metavar="small|PATH",
-                        help="'small' (packaged weights) or a checkpoint folder (save_trainable output)")
-    parser.add_argument("--answer", action=argparse.BooleanOptionalAction, default=True,
-                        help="generate a text answer (default) or segment only (--no-answer, fastest)")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="mask = probability > T (default 0.5)")
+    parser.add_argument(
+        "--model",
+        default="small",
+        metavar="small|PATH",
+        help="'small' (packaged weights) or a checkpoint folder (save_trainable output)",
+    )
+    parser.add_argument(
+        "--answer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="generate a text answer (default) or segment only (--no-answer, fastest)",
+    )
+    parser.add_argument("--threshold", type=float, default=0.5, help="mask = probability > T (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=4, metavar="B", help="images per forward (4)")
     parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="answer length limit")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay heat-map opacity (0.5)")
@@ -90,84 +101,175 @@ def output_stems(root: Path, files: Sequence[Path]) -> list[Path]:
     ]
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # ------------------------------------------------------------------------------------------ run
 
 
+# The per-image fields of summary.json, after "file" (None until filled in).
+_IMAGE_FIELDS: tuple[str, ...] = (
+    "score",
+    "mask",
+    "overlay",
+    "answer",
+    "mask_description",
+    "error",
+    "mask_pixels",
+    "mask_from",
+    "height",
+    "width",
+)
+
+
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    """``vmad detect``: check the options, find the images, load the detector once, detect batch by batch,
+    then write summary.json and report."""
+    from vmad.errors import VMADError
+    from vmad.infer.detector import resolve_model_path
 
-    from vmad.data import read_image
-    from vmad.errors import DataError, VMADError
-    from vmad.infer.detector import Detector, DetectorConfig, resolve_model_path
-    from vmad.infer.render import overlay, save_png
-
-    config = DetectorConfig(threshold=args.threshold, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, device=args.device).validate()
-    if not 0.0 <= args.alpha <= 1.0:
-        raise VMADError(f"--alpha must be in [0, 1], got {args.alpha}")
+    config = _checked_config(args)
     weights = resolve_model_path(args.model)  # fail fast, before scanning and loading
     out_dir = Path(args.out)
     root, files = find_images(Path(args.input), out_dir)
     stems = output_stems(root, files)
 
-    detector = Detector.from_pretrained(weights, config=config)
-    detector.name = args.model
+    detector = _load_detector(weights, config, args.model)
     question = args.question or detector.default_question(args.class_name, args.answer)
-    keys = ("score", "mask", "overlay", "answer", "mask_description", "error", "mask_pixels", "mask_from",
-            "height", "width")
-    rows: list[dict[str, Any]] = [{"file": str(p), **dict.fromkeys(keys)} for p in files]
-    bar = tqdm(total=len(files), unit="img", disable=True if args.no_progress or len(files) == 1 else None)
+    outputs = _ImageOutputs(args=args, out_dir=out_dir, files=files, stems=stems)
+    _detect_in_batches(detector, outputs, config.batch_size)
 
-    def fail(i: int, message: str) -> None:
-        rows[i]["error"] = message
+    summary = _build_summary(args, weights, question, config, detector, outputs.rows)
+    _write_summary(summary, out_dir, print_json=args.json)
+    if summary["n_processed"] == 0:
+        raise VMADError(
+            f"no image could be processed ({summary['n_images']} failed; see {out_dir / 'summary.json'})"
+        )
+    return 0
+
+
+def _checked_config(args: argparse.Namespace) -> DetectorConfig:
+    """The validated detector settings from the options; VMADError when ``--alpha`` is outside [0, 1]."""
+    from vmad.errors import VMADError
+    from vmad.infer.detector import DetectorConfig
+
+    config = DetectorConfig(
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+    ).validate()
+    if not 0.0 <= args.alpha <= 1.0:
+        raise VMADError(f"--alpha must be in [0, 1], got {args.alpha}")
+    return config
+
+
+def _load_detector(weights: Path, config: DetectorConfig, model_name: str) -> Detector:
+    """The detector loaded from ``weights``, named after the ``--model`` option."""
+    from vmad.infer.detector import Detector
+
+    detector = Detector.from_pretrained(weights, config=config)
+    detector.name = model_name
+    return detector
+
+
+@dataclass
+class _ImageOutputs:
+    """The images of one run, their output stems and their summary rows (filled in as images are done)."""
+
+    args: argparse.Namespace
+    out_dir: Path
+    files: list[Path]
+    stems: list[Path]
+    rows: list[dict[str, Any]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = [{"file": str(p), **dict.fromkeys(_IMAGE_FIELDS)} for p in self.files]
+
+    def skip(self, index: int, message: str) -> None:
+        """Record ``message`` as image ``index``'s error and report it on stderr."""
+        from tqdm import tqdm
+
+        self.rows[index]["error"] = message
         tqdm.write(f"skipped: {message}", file=sys.stderr)
 
+    def read(self, start: int, stop: int) -> tuple[list[int], list[np.ndarray]]:
+        """Indices and pixels of the readable images among ``files[start:stop]``; the others are skipped."""
+        from vmad.data import read_image
+        from vmad.errors import DataError
+
+        indices, images = [], []
+        for index in range(start, stop):
+            try:
+                images.append(read_image(self.files[index]))
+                indices.append(index)
+            except DataError as exc:
+                self.skip(index, str(exc))
+        return indices, images
+
+    def save(self, index: int, image: np.ndarray, detection: Detection) -> None:
+        """Write image ``index``'s mask and overlay, fill its summary row; print a line unless --json."""
+        from tqdm import tqdm
+
+        from vmad.infer.render import overlay, save_png
+
+        stem = self.stems[index]
+        mask_path = stem.with_name(stem.name + "_mask.png")
+        overlay_path = stem.with_name(stem.name + "_overlay.png")
+        try:
+            save_png(self.out_dir / mask_path, detection.mask)
+            heat_map = overlay(image, detection.probability_map, detection.mask, self.args.alpha)
+            save_png(self.out_dir / overlay_path, heat_map)
+        except OSError as exc:
+            self.skip(index, f"{self.files[index]}: cannot write outputs ({exc})")
+            return
+        self.rows[index].update(
+            score=round(detection.anomaly_score, 6),
+            mask=mask_path.as_posix(),
+            overlay=overlay_path.as_posix(),
+            answer=detection.answer,
+            mask_description=detection.mask_description,
+            mask_pixels=int(detection.mask.sum()),
+            mask_from=detection.mask_from,
+            height=int(detection.mask.shape[0]),
+            width=int(detection.mask.shape[1]),
+        )
+        if not self.args.json:
+            answer = f"  {detection.answer!r}" if detection.answer is not None else ""
+            tqdm.write(
+                f"{self.files[index]}  score {detection.anomaly_score:.4f}  "
+                f"mask {100.0 * detection.mask.mean():.1f}%{answer}"
+            )
+
+
+def _detect_in_batches(detector: Detector, outputs: _ImageOutputs, batch_size: int) -> None:
+    """Detect ``batch_size`` images at a time (progress bar unless --no-progress or a single image), saving
+    each image's outputs as its batch is done."""
+    from tqdm import tqdm
+
+    args, n_files = outputs.args, len(outputs.files)
+    bar = tqdm(total=n_files, unit="img", disable=True if args.no_progress or n_files == 1 else None)
     try:
-        for start in range(0, len(files), config.batch_size):
-            idx, images = [], []
-            for i in range(start, min(start + config.batch_size, len(files))):
-                try:
-                    images.append(read_image(files[i]))
-                    idx.append(i)
-                except DataError as exc:
-                    fail(i, str(exc))
-            dets = detector.detect(images, args.question, answer=args.answer, class_name=args.class_name)
-            for i, image, det in zip(idx, images, dets, strict=True):
-                mask_rel = stems[i].with_name(stems[i].name + "_mask.png")
-                over_rel = stems[i].with_name(stems[i].name + "_overlay.png")
-                try:
-                    save_png(out_dir / mask_rel, det.mask)
-                    save_png(out_dir / over_rel, overlay(image, det.probability_map, det.mask, args.alpha))
-                except OSError as exc:
-                    fail(i, f"{files[i]}: cannot write outputs ({exc})")
-                    continue
-                rows[i].update(
-                    score=round(det.anomaly_score, 6), mask=mask_rel.as_posix(), overlay=over_rel.as_posix(),
-                    answer=det.answer, mask_description=det.mask_description,
-                    mask_pixels=int(det.mask.sum()), mask_from=det.mask_from,
-                    height=int(det.mask.shape[0]), width=int(det.mask.shape[1]),
-                )
-                if not args.json:
-                    answer = f"  {det.answer!r}" if det.answer is not None else ""
-                    tqdm.write(f"{files[i]}  score {det.anomaly_score:.4f}  "
-                               f"mask {100.0 * det.mask.mean():.1f}%{answer}")
-            bar.update(min(config.batch_size, len(files) - start))
+        for start in range(0, n_files, batch_size):
+            indices, images = outputs.read(start, min(start + batch_size, n_files))
+            detections = detector.detect(
+                images, args.question, answer=args.answer, class_name=args.class_name
+            )
+            for index, image, detection in zip(indices, images, detections, strict=True):
+                outputs.save(index, image, detection)
+            bar.update(min(batch_size, n_files - start))
     finally:
         bar.close()
 
-    n_ok = sum(r["error"] is None for r in rows)
-    summary = {
+
+def _build_summary(
+    args: argparse.Namespace,
+    weights: Path,
+    question: str,
+    config: DetectorConfig,
+    detector: Detector,
+    rows: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The content of summary.json: the run's settings, the counts and one row per image."""
+    n_processed = sum(row["error"] is None for row in rows)
+    return {
         "model": str(args.model),
         "weights": str(weights),
         "input": str(args.input),
@@ -177,16 +279,23 @@ def run(args: argparse.Namespace) -> int:
         "score_rule": detector.model.config.score.rule,
         "paths": "mask and overlay paths are relative to this file's folder",
         "n_images": len(rows),
-        "n_processed": n_ok,
-        "n_failed": len(rows) - n_ok,
+        "n_processed": n_processed,
+        "n_failed": len(rows) - n_processed,
         "images": rows,
     }
-    write_json_atomic(out_dir / "summary.json", summary)
-    if args.json:
+
+
+def _write_summary(summary: dict[str, Any], out_dir: Path, print_json: bool) -> None:
+    """Write ``out_dir``/summary.json, then print it (``print_json``) or a one-line report."""
+    from vmad.atomic import write_json_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "summary.json", summary, allow_nan=False, fsync=False)
+    if print_json:
         print(json.dumps(summary, indent=2, allow_nan=False))
     else:
-        print(f"wrote {n_ok} mask(s) and overlay(s) and summary.json to {out_dir}"
-              + (f"; {len(rows) - n_ok} image(s) skipped" if n_ok < len(rows) else ""))
-    if n_ok == 0:
-        raise VMADError(f"no image could be processed ({len(rows)} failed; see {out_dir / 'summary.json'})")
-    return 0
+        n_processed, n_images = summary["n_processed"], summary["n_images"]
+        print(
+            f"wrote {n_processed} mask(s) and overlay(s) and summary.json to {out_dir}"
+            + (f"; {n_images - n_processed} image(s) skipped" if n_processed < n_images else "")
+        )

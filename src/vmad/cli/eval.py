@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vmad.errors import ConfigError, VMADError
+from vmad.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vmad.eval.scorer import Scorer
 
 SPLITS = ("train", "val", "test", "all")
 
@@ -25,19 +27,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     who.add_argument("--baseline", metavar="NAME", help="a training-free baseline (e.g. musc)")
     who.add_argument("--model", metavar="NAME_OR_PATH", help="a VMAD checkpoint or preset")
     parser.add_argument(
-        "--baseline-opt", metavar="KEY=VALUE", action="append", default=[],
+        "--baseline-opt",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
         help="a baseline config field (repeatable), e.g. --baseline-opt image_size=320",
     )
-    parser.add_argument("--data", metavar="PATH", action="append", required=True,
-                        help="dataset root or class folder (repeatable)")
+    parser.add_argument(
+        "--data",
+        metavar="PATH",
+        action="append",
+        required=True,
+        help="dataset root or class folder (repeatable)",
+    )
     parser.add_argument("--format", help="dataset layout for every --data (default: detected)")
     parser.add_argument("--split", choices=SPLITS, default="test", help="split to evaluate (default: test)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: eval_results/<scorer>)")
-    parser.add_argument("--sigma", type=float, default=4.0,
-                        help="Gaussian smoothing of the maps in mask pixels; 0 = none (default: 4)")
+    parser.add_argument(
+        "--sigma",
+        type=float,
+        default=4.0,
+        help="Gaussian smoothing of the maps in mask pixels; 0 = none (default: 4)",
+    )
     parser.add_argument("--fpr-limit", type=float, default=0.3, help="AUPRO integration limit (default 0.3)")
-    parser.add_argument("--max-per-class", type=int, metavar="N",
-                        help="at most N images per class, evenly spaced over the class")
+    parser.add_argument(
+        "--max-per-class",
+        type=int,
+        metavar="N",
+        help="at most N images per class, evenly spaced over the class",
+    )
     parser.add_argument("--json", action="store_true", help="print results.json instead of the table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -54,23 +72,17 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def build_scorer(args: argparse.Namespace):
+def build_scorer(args: argparse.Namespace) -> Scorer:
+    """The scorer named by ``--baseline NAME`` (with its ``--baseline-opt`` fields) or ``--model``."""
     if args.baseline is not None:
         from vmad.baselines import build_baseline
 
         return build_baseline(args.baseline, **parse_options(args.baseline_opt))
     if args.baseline_opt:
         raise ConfigError("--baseline-opt needs --baseline")
-    if importlib.util.find_spec("vmad.infer.detector") is None:
-        raise VMADError(
-            f"--model {args.model}: VMAD model evaluation is not available yet (no vmad.infer.detector); "
-            "use --baseline NAME"
-        )
-    detector = importlib.import_module("vmad.infer.detector")
-    factory = getattr(detector, "build_scorer", None)
-    if factory is None:
-        raise VMADError(f"--model {args.model}: vmad.infer.detector has no build_scorer(name_or_path)")
-    return factory(args.model)
+    from vmad.infer.detector import build_scorer as build_model_scorer
+
+    return build_model_scorer(args.model)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
     datasets = [load_dataset(path, args.format) for path in args.data]  # bad paths fail before model loading
     scorer = build_scorer(args)
     out_dir = Path(args.out) if args.out else Path("eval_results") / scorer.name
-    result = evaluate(scorer, datasets, out_dir=out_dir, settings=settings,
-                      progress=False if args.no_progress else None)
+    result = evaluate(
+        scorer, datasets, out_dir=out_dir, settings=settings, progress=False if args.no_progress else None
+    )
     if args.json:
         print(json.dumps(result.results, indent=2, allow_nan=False))
     else:

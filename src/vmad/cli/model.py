@@ -1,5 +1,6 @@
-"""`vmad model` subcommands: ``summary`` (components, parameter counts, visual tokens) and ``export``
-(merge LoRA and the trained token rows into a standalone Hugging Face causal LM)."""
+"""`vmad model` subcommands: ``summary`` (components, parameter counts, visual tokens; or, with ``--config``,
+the resolved config of a YAML file) and ``export`` (merge LoRA and the trained token rows into a standalone
+Hugging Face causal LM)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PRESET_CHOICES = ("tiny", "small", "paper")
+from vmad.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,15 +18,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="model_command", metavar="ACTION")
     summary = actions.add_parser(
         "summary",
-        help="components, parameter counts and visual tokens of a preset",
+        help="components, parameter counts and visual tokens of a preset, or the resolved config of a file",
         description="Build a preset and print its components. --random-weights builds the same shapes on the "
-        "meta device (no weights read, no memory used). Nothing is downloaded.",
+        "meta device (no weights read, no memory used). --config FILE prints the config FILE resolves to "
+        "(its preset, its overrides and any --set), without building the model. Nothing is downloaded.",
     )
-    summary.add_argument("--preset", choices=PRESET_CHOICES, default="small")
+    source = summary.add_mutually_exclusive_group()
+    source.add_argument(
+        "--preset", default="small", help="a preset of vmad.model.build.PRESETS (default small)"
+    )
+    source.add_argument("--config", metavar="FILE", help="print the resolved config of this YAML file")
+    summary.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --config: override a key by its dotted path, as `vmad train --set` (repeatable)",
+    )
     summary.add_argument("--random-weights", action="store_true", help="shapes only (meta device)")
     summary.add_argument("--llava-path", help="paper preset: local LLaVA-1.5-7B folder (Hugging Face format)")
     summary.add_argument("--sam-path", help="paper preset: local SAM ViT-H folder (Hugging Face format)")
-    summary.add_argument("--json", action="store_true", help="print JSON")
+    summary.add_argument("--json", action="store_true", help="print JSON (--config: instead of YAML)")
     summary.set_defaults(func=_summary)
     export = actions.add_parser(
         "export",
@@ -52,7 +66,11 @@ def _paths(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    from vmad.model.build import build_vmad
+    if args.config is not None:
+        return _print_config(args)
+    if args.overrides:
+        raise ConfigError("--set needs --config")
+    from vmad.model.build import build_vmad  # an unknown preset: ConfigError naming vmad.model.build.PRESETS
 
     start = time.perf_counter()
     model = build_vmad(args.preset, random_weights=args.random_weights, **_paths(args))
@@ -81,13 +99,28 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from vmad.model.vmad import VMADModel
+def _print_config(args: argparse.Namespace) -> int:
+    """The training config ``args.config`` resolves to (preset + overrides + ``--set``), as YAML or JSON."""
+    from vmad.train.config import load_train_config
 
-    model = VMADModel.from_pretrained(args.checkpoint, **_paths(args))
+    resolved = load_train_config(args.config, args.overrides).to_dict()
+    if args.json:
+        print(json.dumps(resolved, indent=2))
+        return 0
+    import yaml
+
+    print(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True, width=110), end="")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from vmad.model.build import load_pretrained
+    from vmad.model.weights_io import merge_lora
+
+    model = load_pretrained(args.checkpoint, **_paths(args))
     out = Path(args.out)
     model.save_trainable(out / "vmad")
-    lm = model.merge_lora()
+    lm = merge_lora(model)
     lm.save_pretrained(out / "llm", safe_serialization=True)
     model.tokenizer.save_pretrained(out / "llm")
     print(f"wrote {out / 'llm'} (merged language model) and {out / 'vmad'} (VMAD checkpoint)")

@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "downloaded.",
     )
     parser.add_argument(
-        "config", help="YAML file (configs/tiny.yaml, configs/small.yaml, configs/paper.yaml)"
+        "config",
+        help="YAML file naming a model preset and its overrides (configs/tiny.yaml, configs/small.yaml, "
+        "configs/paper.yaml); `vmad model summary --config FILE` prints what it resolves to",
     )
     parser.add_argument(
         "--set",
@@ -25,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key by its dotted path, value parsed as YAML (repeatable), "
-        "e.g. --set data.root=DIR --set train.max_steps=40",
+        help="override a config key by its dotted path, value parsed as YAML and converted to the key's type "
+        "(repeatable), e.g. --set data.root=DIR --set train.max_steps=40",
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue from the last complete checkpoint in output_dir"

@@ -9,8 +9,8 @@ from vmad.data.dataset import (
     load_dataset,
 )
 from vmad.data.folder import FolderConfig
+from vmad.data.formats import MagneticTileConfig, NeuSegConfig
 from vmad.data.io import MASK_THRESHOLD, check_sample, image_shape, read_image, read_mask
-from vmad.data.presets import MagneticTileConfig, NeuSegConfig
 from vmad.data.records import ANOMALOUS, NORMAL, Sample
 
 __all__ = [

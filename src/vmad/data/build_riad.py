@@ -23,7 +23,8 @@ classes) in the order given; ``protocols`` of RIAD sources are merged by name.
 
 Deterministic: every random choice comes from an RNG seeded by (seed, class, image path, purpose), so the
 output bytes depend only on the sources (and their paths as given, recorded in ``classes.json``), the
-options and the seed. Written atomically: built in ``<out>.tmp-XXXX`` beside ``<out>``, then renamed.
+options and the seed. Written atomically (:func:`vmad.atomic.atomic_dir`): built in ``<out>.tmp-XXXX``
+beside ``<out>``, then renamed.
 """
 
 from __future__ import annotations
@@ -32,9 +33,7 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -43,11 +42,13 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from vmad.atomic import atomic_dir
+from vmad.data.coco import load_coco, rle_encode
 from vmad.data.dataset import SPLIT_ORDER, AnomalyDataset, DataOptions, load_dataset
+from vmad.data.formats import NEU_CLASS_NAMES
 from vmad.data.io import image_shape, open_image, read_image, read_mask
-from vmad.data.presets import NEU_CLASS_NAMES
 from vmad.data.records import Sample
-from vmad.data.riad import FORMAT_VERSION, MANIFEST, annotations_file, load_coco, rle_encode, semantic_mask
+from vmad.data.riad import FORMAT_VERSION, MANIFEST, annotations_file, semantic_mask
 from vmad.data.synth import SynthConfig, is_grey, synthesize
 from vmad.data.text import (
     CATEGORIES_BY_NAME,
@@ -368,33 +369,6 @@ def check_output_dir(out: Path, sources: Sequence[Path], overwrite: bool) -> Non
             raise DataError(out, f"output folder overlaps the source {source}")
 
 
-@contextmanager
-def output_dir_in_place(out: Path) -> Iterator[Path]:
-    """Yield a fresh ``<out>.tmp-XXXX`` folder beside ``out``; on success it replaces ``out`` (atomic
-    rename), on any failure it is removed and ``out`` is left untouched."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    if out.is_dir():
-        old = tmp.with_name(tmp.name + ".old")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
-
-
 def _class_kinds(cfg: BuildConfig, class_name: str) -> list[str]:
     kinds = list(cfg.synth.kinds)
     seeded_rng(cfg.seed, class_name, "kinds").shuffle(kinds)
@@ -478,7 +452,7 @@ def build_riad(
     sources = [_load_source(path, fmt, cfg, options) for path, fmt in pairs]
     _check_clashes(sources)
     protocols = _merged_protocols(sources)
-    with output_dir_in_place(out) as tmp:
+    with atomic_dir(out) as tmp:
         summary = _build(sources, protocols, tmp, cfg, progress)
     summary.out = out
     return summary

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmad.data import folder, mvtec, presets, riad, visa
+from vmad.data import folder, formats, mvtec, riad, visa
 from vmad.data.io import check_sample
 from vmad.data.records import Sample
 from vmad.errors import DataError
@@ -21,8 +21,8 @@ class DataOptions:
     """Per-format options (the defaults are what ``vmad data inspect`` uses)."""
 
     folder: folder.FolderConfig = field(default_factory=folder.FolderConfig)
-    magnetic_tile: presets.MagneticTileConfig = field(default_factory=presets.MagneticTileConfig)
-    neu_seg: presets.NeuSegConfig = field(default_factory=presets.NeuSegConfig)
+    magnetic_tile: formats.MagneticTileConfig = field(default_factory=formats.MagneticTileConfig)
+    neu_seg: formats.NeuSegConfig = field(default_factory=formats.NeuSegConfig)
 
 
 @dataclass
@@ -101,11 +101,11 @@ _SPECIFIC: dict[str, tuple[Callable[[Path], bool], _Reader]] = {
     "visa": (visa.detect, lambda p, o: visa.read(p)),
     "riad": (riad.detect, lambda p, o: riad.read(p)),
     "magnetic_tile": (
-        presets.detect_magnetic_tile,
-        lambda p, o: presets.read_magnetic_tile(p, o.magnetic_tile),
+        formats.detect_magnetic_tile,
+        lambda p, o: formats.read_magnetic_tile(p, o.magnetic_tile),
     ),
-    "mpdd": (presets.detect_mpdd, lambda p, o: presets.read_mpdd(p)),
-    "neu_seg": (presets.detect_neu_seg, lambda p, o: presets.read_neu_seg(p, o.neu_seg)),
+    "mpdd": (formats.detect_mpdd, lambda p, o: formats.read_mpdd(p)),
+    "neu_seg": (formats.detect_neu_seg, lambda p, o: formats.read_neu_seg(p, o.neu_seg)),
 }
 
 

@@ -11,8 +11,8 @@ Mask binarisation (stated once, used everywhere):
   threshold matters for Magnetic-tile, whose masks hold ~0.4 % in-between values.
 - ``mask_spec == "png-nonzero"`` (VisA, NEU-Seg class-id masks): a pixel is a defect when its raw value
   (palette index, class id) is ``!= 0``.
-- ``mask_spec == "coco:<image id>"`` (RIAD): the image's COCO polygons / RLE are rasterised; any
-  category id is a defect.
+- ``mask_spec == "coco:<image id>"`` (RIAD): the image's COCO polygons / RLE are rasterised
+  (:mod:`vmad.data.coco`); any category id is a defect.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from vmad.data.coco import check_coco_image, rasterize_image_mask
 from vmad.data.records import Sample
 from vmad.errors import DataError
 
@@ -164,8 +165,6 @@ def read_mask(sample: Sample, size: tuple[int, int] | None = None) -> np.ndarray
     if sample.mask_path is None:
         mask = np.zeros(image_hw, dtype=bool)
     elif sample.mask_spec.startswith("coco:"):
-        from vmad.data.riad import rasterize_image_mask
-
         mask = rasterize_image_mask(sample.mask_path, sample.mask_spec, image_hw, sample.image_path) != 0
     else:
         mask = binarize_mask_file(sample.mask_path, sample.mask_spec)
@@ -187,8 +186,6 @@ def check_sample(sample: Sample, decode: bool = False) -> None:
     if sample.mask_path is None:
         return
     if sample.mask_spec.startswith("coco:"):
-        from vmad.data.riad import check_coco_image
-
         check_coco_image(sample.mask_path, sample.mask_spec, image_hw, sample.image_path, full=decode)
         return
     if decode:

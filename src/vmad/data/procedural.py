@@ -22,7 +22,8 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from vmad.data.build_riad import check_output_dir, output_dir_in_place, seeded_rng
+from vmad.atomic import atomic_dir
+from vmad.data.build_riad import check_output_dir, seeded_rng
 from vmad.errors import ConfigError
 
 CLASSES: tuple[str, ...] = ("surface", "part")
@@ -216,7 +217,7 @@ def write_procedural(
     out = Path(out)
     check_output_dir(out, [], overwrite)
     with (
-        output_dir_in_place(out) as tmp,
+        atomic_dir(out) as tmp,
         tqdm(total=cfg.count * len(CLASSES), disable=not progress, desc="procedural") as bar,
     ):
         for name in CLASSES:

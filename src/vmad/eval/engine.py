@@ -91,6 +91,11 @@ class _Timer:
     metrics_s: float = 0.0
     n_images: int = 0
 
+    def add(self, other: _Timer) -> None:
+        """Add ``other``'s times and image count to these."""
+        for name in ("load_s", "model_s", "post_s", "masks_s", "metrics_s", "n_images"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def per_image(self) -> dict[str, float | None]:
         n = self.n_images
         return {
@@ -190,6 +195,26 @@ def _json_safe(obj: object) -> object:
     return obj
 
 
+@dataclass
+class _ClassJob:
+    """One class to evaluate: its key in the results, its dataset's label and the samples chosen for it."""
+
+    key: str
+    dataset_label: str
+    samples: list[Sample]
+
+
+@dataclass
+class _EvalRun:
+    """What evaluating the classes one after the other collects: a row and the metric notes per class, one
+    ``(class, image, label, score)`` per image (image_scores.csv) and the summed timing."""
+
+    classes: dict[str, dict] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    per_image_rows: list[tuple[str, str, int, float]] = field(default_factory=list)
+    total: _Timer = field(default_factory=_Timer)
+
+
 def evaluate(
     scorer: Scorer,
     datasets: Sequence[AnomalyDataset],
@@ -211,136 +236,19 @@ def evaluate(
     if not datasets:
         raise VMADError("no dataset to evaluate")
     labels = _dataset_labels(datasets)
-    seen: dict[str, int] = {}
-    for ds in datasets:
-        for name in ds.class_names():
-            seen[name] = seen.get(name, 0) + 1
-
-    jobs: list[tuple[str, str, AnomalyDataset, list[Sample]]] = []
-    skipped: dict[str, str] = {}
-    for label, ds in zip(labels, datasets, strict=True):
-        for name in ds.class_names():
-            key = f"{label}/{name}" if seen[name] > 1 else name
-            chosen = ds.select(class_name=name, split=settings.split)
-            if not chosen:
-                skipped[key] = f"no sample in split {settings.split!r} (splits: {', '.join(ds.splits())})"
-                continue
-            jobs.append((key, label, ds, subsample(chosen, settings.max_per_class)))
-    if not jobs:
-        raise DataError(datasets[0].root, f"no sample to evaluate in split {settings.split!r}")
-
-    total = _Timer()
-    setup_s = 0.0
-    prepare = getattr(scorer, "prepare", None)
-    if callable(prepare):
-        t = time.perf_counter()
-        prepare()
-        setup_s = time.perf_counter() - t
-
-    classes: dict[str, dict] = {}
-    notes: dict[str, list[str]] = {}
-    per_image_rows: list[tuple[str, str, int, float]] = []
-    disable = None if progress is None else not progress
-    bar = tqdm(total=sum(len(j[3]) for j in jobs), unit="img", disable=disable)
-    try:
-        for key, label, _ds, samples in jobs:
-            timer = _Timer(n_images=len(samples))
-            bar.set_description(f"{key}: load")
-            t = time.perf_counter()
-            images = []
-            for s in samples:
-                images.append(read_image(s.image_path))
-            timer.load_s = time.perf_counter() - t
-
-            bar.set_description(f"{key}: score")
-            class_name = samples[0].class_name
-            t = time.perf_counter()
-            out = scorer.score(images, class_name)
-            timer.model_s = time.perf_counter() - t
-            scores, raw_maps = _check_output(out, len(images), f"scorer {scorer.name!r} on class {key!r}")
-            del images, out
-
-            bar.set_description(f"{key}: masks")
-            t = time.perf_counter()
-            masks = [read_mask(s) for s in samples]
-            timer.masks_s = time.perf_counter() - t
-
-            bar.set_description(f"{key}: post")
-            t = time.perf_counter()
-            maps = []
-            for i, amap in enumerate(raw_maps):
-                maps.append(postprocess_map(amap, masks[i].shape, settings))
-                raw_maps[i] = None  # free as we go
-            timer.post_s = time.perf_counter() - t
-            bar.update(len(samples))
-
-            bar.set_description(f"{key}: metrics")
-            t = time.perf_counter()
-            y = np.array([s.label for s in samples])
-            values, class_notes = _class_metrics(y, scores, masks, maps, settings.fpr_limit)
-            timer.metrics_s = time.perf_counter() - t
-            del maps, masks
-            if class_notes:
-                notes[key] = class_notes
-            row: dict = dict(values)
-            row.update(
-                dataset=label,
-                class_name=class_name,
-                n_normal=int((y == 0).sum()),
-                n_anomalous=int((y != 0).sum()),
-                **timer.per_image(),
-                seconds={"load": timer.load_s, "model": timer.model_s, "postprocess": timer.post_s,
-                         "masks": timer.masks_s, "metrics": timer.metrics_s},
-            )
-            scorer_timing = getattr(scorer, "timing", None)
-            if isinstance(scorer_timing, dict) and scorer_timing:
-                row["scorer_timing"] = dict(scorer_timing)
-            classes[key] = row
-            per_image_rows += [(key, str(s.image_path), s.label, float(v)) for s, v in zip(samples, scores,
-                                                                                            strict=True)]
-            for name in ("load_s", "model_s", "post_s", "masks_s", "metrics_s", "n_images"):
-                setattr(total, name, getattr(total, name) + getattr(timer, name))
-    finally:
-        bar.close()
+    jobs, skipped = _class_jobs(datasets, labels, settings)
+    setup_s = _prepare_scorer(scorer)
+    run = _evaluate_classes(scorer, jobs, settings, progress)
 
     results = {
-        "classes": classes,
-        "mean": nan_mean(list(classes.values())),
-        "datasets": {
-            label: {
-                "format": ds.format,
-                "root": str(ds.root),
-                "classes": [k for k, r in classes.items() if r["dataset"] == label],
-                "mean": nan_mean([r for r in classes.values() if r["dataset"] == label]),
-            }
-            for label, ds in zip(labels, datasets, strict=True)
-        },
-        "timing": {
-            **total.per_image(),
-            "n_images": total.n_images,
-            "setup_s": setup_s,
-            "load_s": total.load_s,
-            "model_s": total.model_s,
-            "postprocess_s": total.post_s,
-            "masks_s": total.masks_s,
-            "metrics_s": total.metrics_s,
-            "definition": "model = time inside scorer.score; end_to_end = image loading + scorer.score + map "
-            "resizing/smoothing; both divided by the number of images",
-        },
+        "classes": run.classes,
+        "mean": nan_mean(list(run.classes.values())),
+        "datasets": _dataset_summaries(datasets, labels, run.classes),
+        "timing": _timing_summary(run.total, setup_s),
         "scorer": {"name": scorer.name, "settings": scorer.settings()},
-        "settings": {
-            **asdict(settings),
-            "map_resize": f"bilinear to each image's mask size (align_corners={settings.align_corners})",
-            "smoothing": f"gaussian_filter(sigma={settings.smoothing_sigma} mask pixels, truncate=4)"
-            if settings.smoothing_sigma > 0 else "none",
-            "ap": "step-wise (scikit-learn average_precision_score)",
-            "aupro": "MVTec AD reference: 8-connected regions, every threshold, up to FPR "
-            f"{settings.fpr_limit}, divided by the limit",
-            "aupro_200": "AnomalyCLIP cal_pro_score: 200 thresholds, fpr < limit, FPRs min-max rescaled",
-            "mean": "over classes, NaN values skipped (mean.n_classes counts the classes in each mean)",
-        },
+        "settings": _settings_summary(settings),
         "skipped": skipped,
-        "notes": notes,
+        "notes": run.notes,
         "environment": {
             "vmad": __version__,
             "python": platform.python_version(),
@@ -352,12 +260,206 @@ def evaluate(
     markdown = results_markdown(results)
     result = EvalResult(results=results, markdown=markdown)
     if out_dir is not None:
-        result.paths = write_results(result, Path(out_dir), per_image_rows)
+        result.paths = write_results(result, Path(out_dir), run.per_image_rows)
     return result
 
 
-def write_results(result: EvalResult, out_dir: Path, per_image: Sequence[tuple[str, str, int, float]] = ()
-                  ) -> dict[str, Path]:
+def _class_jobs(
+    datasets: Sequence[AnomalyDataset], labels: Sequence[str], settings: EvalSettings
+) -> tuple[list[_ClassJob], dict[str, str]]:
+    """The classes to evaluate (samples of ``settings.split``, subsampled to ``max_per_class``) and the
+    skipped ones with the reason. A class name found in several datasets is keyed ``<label>/<class>``."""
+    seen: dict[str, int] = {}
+    for dataset in datasets:
+        for name in dataset.class_names():
+            seen[name] = seen.get(name, 0) + 1
+
+    jobs: list[_ClassJob] = []
+    skipped: dict[str, str] = {}
+    for label, dataset in zip(labels, datasets, strict=True):
+        for name in dataset.class_names():
+            key = f"{label}/{name}" if seen[name] > 1 else name
+            chosen = dataset.select(class_name=name, split=settings.split)
+            if not chosen:
+                skipped[key] = (
+                    f"no sample in split {settings.split!r} (splits: {', '.join(dataset.splits())})"
+                )
+                continue
+            jobs.append(_ClassJob(key, label, subsample(chosen, settings.max_per_class)))
+    if not jobs:
+        raise DataError(datasets[0].root, f"no sample to evaluate in split {settings.split!r}")
+    return jobs, skipped
+
+
+def _prepare_scorer(scorer: Scorer) -> float:
+    """Call the scorer's optional ``prepare()``; the seconds it took (0.0 without one)."""
+    prepare = getattr(scorer, "prepare", None)
+    if not callable(prepare):
+        return 0.0
+    start = time.perf_counter()
+    prepare()
+    return time.perf_counter() - start
+
+
+def _evaluate_classes(
+    scorer: Scorer, jobs: Sequence[_ClassJob], settings: EvalSettings, progress: bool | None
+) -> _EvalRun:
+    """Evaluate the classes one after the other under one progress bar (counted in images)."""
+    run = _EvalRun()
+    disable = None if progress is None else not progress
+    bar = tqdm(total=sum(len(job.samples) for job in jobs), unit="img", disable=disable)
+    try:
+        for job in jobs:
+            _evaluate_class(scorer, job, settings, bar, run)
+    finally:
+        bar.close()
+    return run
+
+
+def _evaluate_class(scorer: Scorer, job: _ClassJob, settings: EvalSettings, bar: tqdm, run: _EvalRun) -> None:
+    """Score one class, post-process its maps and compute its metrics; add its row, notes, image scores and
+    timing to ``run``."""
+    key, samples = job.key, job.samples
+    timer = _Timer(n_images=len(samples))
+    scores, raw_maps = _score_class(scorer, key, samples, timer, bar)
+    masks, maps = _masks_and_maps(key, samples, raw_maps, settings, timer, bar)
+
+    bar.set_description(f"{key}: metrics")
+    start = time.perf_counter()
+    labels = np.array([s.label for s in samples])
+    values, class_notes = _class_metrics(labels, scores, masks, maps, settings.fpr_limit)
+    timer.metrics_s = time.perf_counter() - start
+    del maps, masks
+    if class_notes:
+        run.notes[key] = class_notes
+    run.classes[key] = _class_row(scorer, job, values, labels, timer)
+    run.per_image_rows += [
+        (key, str(s.image_path), s.label, float(v)) for s, v in zip(samples, scores, strict=True)
+    ]
+    run.total.add(timer)
+
+
+def _score_class(
+    scorer: Scorer, key: str, samples: Sequence[Sample], timer: _Timer, bar: tqdm
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Read the class's images and score them all at once (timed as load and model); the checked image
+    scores and raw anomaly maps."""
+    bar.set_description(f"{key}: load")
+    start = time.perf_counter()
+    images = []
+    for s in samples:
+        images.append(read_image(s.image_path))
+    timer.load_s = time.perf_counter() - start
+
+    bar.set_description(f"{key}: score")
+    class_name = samples[0].class_name
+    start = time.perf_counter()
+    out = scorer.score(images, class_name)
+    timer.model_s = time.perf_counter() - start
+    return _check_output(out, len(images), f"scorer {scorer.name!r} on class {key!r}")
+
+
+def _masks_and_maps(
+    key: str,
+    samples: Sequence[Sample],
+    raw_maps: list[np.ndarray],
+    settings: EvalSettings,
+    timer: _Timer,
+    bar: tqdm,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The class's ground-truth masks (timed as masks) and its anomaly maps post-processed to the mask sizes
+    (timed as post-processing; ``raw_maps`` entries are freed as they are done)."""
+    bar.set_description(f"{key}: masks")
+    start = time.perf_counter()
+    masks = [read_mask(s) for s in samples]
+    timer.masks_s = time.perf_counter() - start
+
+    bar.set_description(f"{key}: post")
+    start = time.perf_counter()
+    maps = []
+    for i, amap in enumerate(raw_maps):
+        maps.append(postprocess_map(amap, masks[i].shape, settings))
+        raw_maps[i] = None  # free as we go
+    timer.post_s = time.perf_counter() - start
+    bar.update(len(samples))
+    return masks, maps
+
+
+def _class_row(
+    scorer: Scorer, job: _ClassJob, values: dict[str, float], labels: np.ndarray, timer: _Timer
+) -> dict:
+    """One class's entry in ``results["classes"]``: its metrics, counts, timing and the scorer's timing."""
+    row: dict = dict(values)
+    row.update(
+        dataset=job.dataset_label,
+        class_name=job.samples[0].class_name,
+        n_normal=int((labels == 0).sum()),
+        n_anomalous=int((labels != 0).sum()),
+        **timer.per_image(),
+        seconds={
+            "load": timer.load_s,
+            "model": timer.model_s,
+            "postprocess": timer.post_s,
+            "masks": timer.masks_s,
+            "metrics": timer.metrics_s,
+        },
+    )
+    scorer_timing = getattr(scorer, "timing", None)
+    if isinstance(scorer_timing, dict) and scorer_timing:
+        row["scorer_timing"] = dict(scorer_timing)
+    return row
+
+
+def _dataset_summaries(
+    datasets: Sequence[AnomalyDataset], labels: Sequence[str], classes: dict[str, dict]
+) -> dict[str, dict]:
+    """Per dataset label: its format, root, evaluated classes and their mean."""
+    return {
+        label: {
+            "format": dataset.format,
+            "root": str(dataset.root),
+            "classes": [key for key, row in classes.items() if row["dataset"] == label],
+            "mean": nan_mean([row for row in classes.values() if row["dataset"] == label]),
+        }
+        for label, dataset in zip(labels, datasets, strict=True)
+    }
+
+
+def _timing_summary(total: _Timer, setup_s: float) -> dict:
+    """``results["timing"]``: per-image times, the totals and their definition."""
+    return {
+        **total.per_image(),
+        "n_images": total.n_images,
+        "setup_s": setup_s,
+        "load_s": total.load_s,
+        "model_s": total.model_s,
+        "postprocess_s": total.post_s,
+        "masks_s": total.masks_s,
+        "metrics_s": total.metrics_s,
+        "definition": "model = time inside scorer.score; end_to_end = image loading + scorer.score + map "
+        "resizing/smoothing; both divided by the number of images",
+    }
+
+
+def _settings_summary(settings: EvalSettings) -> dict:
+    """``results["settings"]``: the settings and how maps, AP, AUPRO and means are computed."""
+    return {
+        **asdict(settings),
+        "map_resize": f"bilinear to each image's mask size (align_corners={settings.align_corners})",
+        "smoothing": f"gaussian_filter(sigma={settings.smoothing_sigma} mask pixels, truncate=4)"
+        if settings.smoothing_sigma > 0
+        else "none",
+        "ap": "step-wise (scikit-learn average_precision_score)",
+        "aupro": "MVTec AD reference: 8-connected regions, every threshold, up to FPR "
+        f"{settings.fpr_limit}, divided by the limit",
+        "aupro_200": "AnomalyCLIP cal_pro_score: 200 thresholds, fpr < limit, FPRs min-max rescaled",
+        "mean": "over classes, NaN values skipped (mean.n_classes counts the classes in each mean)",
+    }
+
+
+def write_results(
+    result: EvalResult, out_dir: Path, per_image: Sequence[tuple[str, str, int, float]] = ()
+) -> dict[str, Path]:
     """results.json (NaN as null), results.md and, when given, image_scores.csv."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

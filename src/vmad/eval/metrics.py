@@ -285,7 +285,7 @@ class PixelScores:
         from (FPR(> v), PRO(> v)) to (FPR(>= v), PRO(>= v)); vertical ones add no area."""
         if not 0.0 < fpr_limit <= 1.0:
             raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-        why = self._check() or (None if self.n_regions else "no ground-truth region")
+        why = self._check()  # anomalous pixels exist => so does a region (n_regions >= 1)
         if why:
             return _undefined("aupro", why)
         n_neg = self.neg.size
@@ -314,7 +314,7 @@ class PixelScores:
 
     def aupro_200(self, fpr_limit: float = 0.3, max_step: int = 200) -> float:
         """AnomalyCLIP's ``cal_pro_score``, computed from the sorted scores instead of a loop."""
-        why = self._check() or (None if self.n_regions else "no ground-truth region")
+        why = self._check()
         if why:
             return _undefined("aupro_200", why)
         min_th = min(self.neg[0], self.pos[0])

@@ -7,10 +7,9 @@ from vmad.infer.detector import (
     DetectorConfig,
     VMADScorer,
     build_scorer,
-    packaged_weights_dir,
-    resolve_model_path,
 )
 from vmad.infer.render import heat_colors, mask_contour, overlay, save_png
+from vmad.model.weights_io import packaged_weights_dir, resolve_model_path
 
 __all__ = [
     "ChatTurn",

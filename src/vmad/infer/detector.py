@@ -27,31 +27,34 @@ Rules (OURS unless stated; every value is a :class:`DetectorConfig` field):
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
+from vmad.config import check_choices, from_mapping
 from vmad.data.io import read_image, to_rgb_array
 from vmad.data.prompts import QUERY_TYPES, SEG_ANSWER_QUESTION, SEG_QUESTION
 from vmad.data.text import describe_location, describe_size, mask_facts, number_word, object_name
 from vmad.errors import ConfigError, VMADError
 from vmad.eval.scorer import ScoreOutput
-from vmad.model.vmad import CONFIG_NAME, WEIGHTS_NAME, VMADModel
+from vmad.model.build import load_pretrained
+from vmad.model.vmad import VMADModel
+from vmad.model.weights_io import CONFIG_NAME, PACKAGED_MODELS, resolve_model_path
 
 ImageInput = str | Path | np.ndarray | Image.Image | torch.Tensor
-PACKAGED_MODELS: dict[str, str] = {"small": "weights/small"}
 SCORE_RULE_TEXT = {
     "max_smoothed": "max of the mask probability map after a Gaussian blur of sigma pixels (input size)",
     "max": "max of the mask probability map",
     "mean_topk": "mean of the top topk_ratio fraction of mask probabilities",
 }
+
+AnswerQuery = Literal["description", "impact", "suggestion"]  # the keys of QUERY_TYPES
 
 
 @dataclass
@@ -70,7 +73,7 @@ class DetectorConfig:
     threshold: float = 0.5
     batch_size: int = 4
     max_new_tokens: int = 96
-    answer_query: str = "description"
+    answer_query: AnswerQuery = "description"
     default_object: str = "object"
     device: str = "auto"
 
@@ -81,10 +84,7 @@ class DetectorConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.answer_query not in QUERY_TYPES:
-            raise ConfigError(
-                f"answer_query must be one of {', '.join(QUERY_TYPES)}, got {self.answer_query!r}"
-            )
+        check_choices(self, "detector")
         if not self.default_object.strip():
             raise ConfigError("default_object must not be empty")
         return self
@@ -151,35 +151,6 @@ class ChatTurn:
     answer: str
     detection: Detection
     history: list[tuple[str, str]] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------ model paths
-
-
-def packaged_weights_dir(name: str = "small") -> Path:
-    """Where the packaged weights of ``name`` live inside the installed package (may not exist)."""
-    return Path(str(importlib.resources.files("vmad").joinpath(PACKAGED_MODELS[name])))
-
-
-def resolve_model_path(model: str | Path) -> Path:
-    """``"small"`` -> the packaged weights folder; anything else is a folder written by
-    ``VMADModel.save_trainable`` (training's ``final/``; a folder literally named ``small`` is ``./small``).
-    A clear VMADError when the files are missing."""
-    if isinstance(model, str) and model in PACKAGED_MODELS:
-        folder = packaged_weights_dir(model)
-        if not ((folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()):
-            raise VMADError(
-                f"the packaged {model!r} weights are not installed ({folder} has no {CONFIG_NAME} + "
-                f"{WEIGHTS_NAME}); pass a trained checkpoint folder instead (--model PATH)"
-            )
-        return folder
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        raise VMADError(f"{folder}: no such model folder (expected 'small' or a checkpoint folder)")
-    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
-    if missing:
-        raise VMADError(f"{folder}: not a VMAD checkpoint folder (missing {', '.join(missing)})")
-    return folder
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -250,7 +221,7 @@ class Detector:
         config = (config or DetectorConfig()).validate()
         folder = resolve_model_path(model)
         dev = torch.device(device) if device is not None else config.torch_device()
-        vmad = VMADModel.from_pretrained(folder, device=dev, **build_kwargs)
+        vmad = load_pretrained(folder, device=dev, **build_kwargs)
         return cls(vmad, config, name=str(model))
 
     # ------------------------------------------------------------- questions
@@ -325,21 +296,9 @@ class Detector:
 
     # ------------------------------------------------------------- chat
     def fold_history(self, history: Sequence[tuple[str, str]], question: str) -> str:
-        """The question text that carries earlier turns in the template's multi-turn markup (module rules)."""
-        if not history:
-            return question
-        layout = self.model.layout
-        eos = self.model.tokenizer.eos_token or ""
-        parts: list[str] = []
-        if layout.template == "chatml":
-            for i, (q, a) in enumerate(history):
-                parts.append(q if i == 0 else f"<|im_start|>user\n{q}")
-                parts.append(f"<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n")
-            return "".join(parts) + f"<|im_start|>user\n{question}"
-        for i, (q, a) in enumerate(history):
-            parts.append(q if i == 0 else f"USER: {q}")
-            parts.append(f" ASSISTANT:{layout.answer(a, eos)}")
-        return "".join(parts) + f"USER: {question}"
+        """The question text that carries earlier turns in the model's chat format (see
+        :meth:`vmad.model.chat_format.ChatFormat.fold_history`)."""
+        return self.model.chat_format.fold_history(history, question, self.model.tokenizer.eos_token or "")
 
     def chat(
         self,
@@ -417,6 +376,4 @@ class VMADScorer:
 def build_scorer(name_or_path: str | Path = "small", **options: Any) -> VMADScorer:
     """The ``vmad eval --model NAME_OR_PATH`` scorer; ``options`` are :class:`DetectorConfig` fields (strings
     are converted). The weights folder is checked now; the model is loaded by ``prepare()``."""
-    from vmad.baselines import config_from_options
-
-    return VMADScorer(name_or_path, config_from_options(DetectorConfig, options))
+    return VMADScorer(name_or_path, from_mapping(DetectorConfig, options, "detector"))

@@ -7,12 +7,12 @@ contour on top (OURS: uniform alpha blend, white contour inside the mask's borde
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from vmad.atomic import atomic_path
 
 CONTOUR_COLOR: tuple[int, int, int] = (255, 255, 255)
 
@@ -98,8 +98,9 @@ def mask_image(mask: np.ndarray) -> np.ndarray:
 
 
 def save_png(path: str | Path, array: np.ndarray) -> Path:
-    """Write ``array`` ((H, W) bool -> 0/255, (H, W) or (H, W, 3|4) uint8) as PNG atomically: a temporary
-    file in the same folder, then ``os.replace``. Parent folders are created."""
+    """Write ``array`` ((H, W) bool -> 0/255, (H, W) or (H, W, 3|4) uint8) as PNG atomically
+    (:func:`vmad.atomic.atomic_path`: a temporary file in the same folder, then ``os.replace``; not
+    fsync'ed). Parent folders are created."""
     arr = np.asarray(array)
     if arr.dtype == bool:
         arr = mask_image(arr)
@@ -107,12 +108,6 @@ def save_png(path: str | Path, array: np.ndarray) -> Path:
         raise ValueError(f"save_png needs a bool or uint8 (H, W[, 3|4]) array, got {arr.dtype} {arr.shape}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as fh:  # normal permissions (umask), unlike mkstemp's 0600
-            Image.fromarray(arr).save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, fsync=False) as tmp, open(tmp, "xb") as fh:
+        Image.fromarray(arr).save(fh, format="PNG")
     return path

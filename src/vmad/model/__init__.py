@@ -1,6 +1,6 @@
 """VMAD model: vision encoders, projectors (LTC), LLM with LoRA and ``<seg>``, Γ, mask decoder, presets.
 
-Names are imported lazily so that ``import vmad.model.backbones`` does not pull in transformers/peft."""
+Names are imported lazily so that ``import vmad.model.efficientnet`` does not pull in transformers/peft."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ _EXPORTS = {
     "preset_config": "vmad.model.build",
     "VMADConfig": "vmad.model.config",
     "VMADModel": "vmad.model.vmad",
-    "GenerationResult": "vmad.model.vmad",
-    "SegmentationResult": "vmad.model.vmad",
-    "image_scores": "vmad.model.vmad",
+    "load_pretrained": "vmad.model.build",
+    "VMADOutput": "vmad.model.outputs",
+    "GenerationResult": "vmad.model.outputs",
+    "SegmentationResult": "vmad.model.outputs",
+    "image_scores": "vmad.model.scoring",
 }
 
 __all__ = sorted(_EXPORTS)

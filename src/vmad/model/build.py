@@ -1,4 +1,4 @@
-"""The one place that assembles VMAD presets (like segment-anything's ``build_sam``), DESIGN §3.
+"""The one place that assembles VMAD presets (like segment-anything's ``build_sam``).
 
 - ``tiny``: random tiny ViT, LTC, random tiny Llama + in-code tokenizer, random conv backbone and a small
   SAM-architecture decoder; deterministic for a given ``seed`` (so a saved checkpoint reloads exactly).
@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from vmad.errors import ConfigError
+from vmad.model import weights_io
 from vmad.model.config import (
     BackboneConfig,
     LLMConfig,
@@ -29,6 +32,14 @@ from vmad.model.config import (
     SegHeadConfig,
     VisionConfig,
     VMADConfig,
+)
+from vmad.model.image_encoders import (
+    CLIPVisionEncoder,
+    EfficientNetVisionEncoder,
+    SamBackbone,
+    TinyConvBackbone,
+    TinyVisionEncoder,
+    clip_vit_l14_336_config,
 )
 from vmad.model.llm import (
     DTYPES,
@@ -39,17 +50,18 @@ from vmad.model.llm import (
     llava_text_config,
     load_smollm2,
 )
+from vmad.model.ltc import LTC
 from vmad.model.mask_decoder import FeatureNeck, PromptedMaskDecoder
-from vmad.model.projectors import ProjectorConfig, build_projector
-from vmad.model.seg_head import SegHead
-from vmad.model.vision import (
-    CLIPVisionEncoder,
-    EfficientNetVisionEncoder,
-    SamBackbone,
-    TinyConvBackbone,
-    TinyVisionEncoder,
-    clip_vit_l14_336_config,
+from vmad.model.projectors import (
+    AvgPoolProjector,
+    LDPv2Projector,
+    MLPProjector,
+    Projector,
+    ProjectorConfig,
+    ResamplerProjector,
+    pooled_side,
 )
+from vmad.model.seg_head import SegHead
 from vmad.model.vmad import VMADModel
 
 PRESETS = ("tiny", "small", "paper")
@@ -58,7 +70,8 @@ SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 
 
 def preset_config(name: str) -> VMADConfig:
-    """The default configuration of a preset (``configs/<name>.yaml`` holds the same ``model:`` section)."""
+    """The default configuration of a preset; a YAML ``model:`` section naming ``preset: <name>`` starts from
+    it and lists only the fields it changes (:func:`vmad.train.config.resolve_model_section`)."""
     if name == "tiny":
         cfg = VMADConfig(
             preset="tiny",
@@ -116,7 +129,7 @@ def _vision(cfg: VMADConfig, random_weights: bool, llava: Any) -> nn.Module:
     if v.kind == "tiny":
         return TinyVisionEncoder(v)
     if v.kind == "efficientnet_lite0":
-        from vmad.model.backbones import load_efficientnet_lite0
+        from vmad.model.efficientnet import load_efficientnet_lite0
 
         return EfficientNetVisionEncoder(
             load_efficientnet_lite0(pretrained=v.pretrained and not random_weights), v
@@ -195,6 +208,26 @@ def _backbone_and_decoder(
     return backbone, neck, decoder
 
 
+def build_projector(
+    cfg: ProjectorConfig, in_dim: int, level_dims: Sequence[int], out_dim: int, grid: int
+) -> Projector:
+    """Assemble the projector ``cfg.kind`` for encoder width ``in_dim``, earlier-level widths ``level_dims``
+    (oldest first), LLM width ``out_dim`` and the encoder's nominal ``grid`` side."""
+    cfg.validate()
+    if cfg.kind == "mlp":
+        return MLPProjector(in_dim, out_dim)
+    if cfg.kind == "avgpool":
+        return AvgPoolProjector(in_dim, out_dim, cfg.rho)
+    if cfg.kind == "ldpv2":
+        return LDPv2Projector(in_dim, out_dim, cfg.rho)
+    if cfg.kind == "resampler":
+        queries = cfg.num_queries if cfg.num_queries is not None else pooled_side(grid, cfg.rho) ** 2
+        return ResamplerProjector(in_dim, out_dim, queries, cfg.heads, cfg.resampler_layers, cfg.ffn_ratio)
+    if cfg.refine == "multi" and len(level_dims) != cfg.n_levels:
+        raise ConfigError(f"LTC refine='multi' needs {cfg.n_levels} level widths, got {list(level_dims)}")
+    return LTC(cfg, in_dim, list(level_dims), out_dim)
+
+
 def build_vmad(
     cfg: VMADConfig | str,
     *,
@@ -247,4 +280,16 @@ def build_vmad(
     if device is not None and not meta:
         model.to(device)
     model.eval()
+    return model
+
+
+def load_pretrained(path: str | Path, **build_kwargs: Any) -> VMADModel:
+    """A saved model folder (:func:`vmad.model.weights_io.save_trainable`, e.g. training's ``final/``):
+    the base rebuilt from its config (``build_kwargs`` go to :func:`build_vmad`, e.g. local paths), then the
+    trained parts loaded on top."""
+    meta = weights_io.read_meta(path)
+    if not isinstance(meta.get("config"), dict):
+        raise ConfigError(f"{Path(path) / weights_io.CONFIG_NAME}: no 'config' mapping")
+    model = build_vmad(VMADConfig.from_dict(meta["config"]), **build_kwargs)
+    model.load_trainable(path)
     return model

@@ -1,33 +1,29 @@
 """VMAD model configuration: one dataclass per part (Sec. III-B, Eq. 1-7), assembled by :class:`VMADConfig`.
 
-Every value the paper leaves open is a field here, marked OURS in its docstring. ``configs/<preset>.yaml``
-holds the ``model:`` section written by :meth:`VMADConfig.to_dict` for each preset of
-:func:`vmad.model.build.preset_config`.
+Every value the paper leaves open is a field here, marked OURS in its docstring. Saved models store the full
+:meth:`VMADConfig.to_dict`; a YAML ``model:`` section names a preset of :func:`vmad.model.build.preset_config`
+and lists only the fields it changes (resolved by :func:`vmad.train.config.resolve_model_section`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from vmad.config import from_mapping
+from vmad.config import check_choices, from_mapping, to_dict
 from vmad.errors import ConfigError
 from vmad.model.projectors import ProjectorConfig
 
-VISION_KINDS = ("tiny", "efficientnet_lite0", "clip")
-LLM_KINDS = ("tiny", "smollm2", "llava")
-BACKBONE_KINDS = ("tiny", "shared", "sam")
-DECODER_KINDS = ("scratch", "sam")
-TEMPLATES = ("paper", "chatml")
-SEG_STATES = ("at_seg", "before_seg")
-SCORE_RULES = ("max_smoothed", "max", "mean_topk")
-
-
-def _check(value: Any, allowed: tuple[str, ...], name: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+VisionKind = Literal["tiny", "efficientnet_lite0", "clip"]
+LLMKind = Literal["tiny", "smollm2", "llava"]
+Template = Literal["paper", "chatml"]
+SegState = Literal["at_seg", "before_seg"]
+DType = Literal["float32", "bfloat16", "float16"]
+BackboneKind = Literal["tiny", "shared", "sam"]
+DecoderKind = Literal["scratch", "sam"]
+ScoreRule = Literal["max_smoothed", "max", "mean_topk"]
 
 
 @dataclass
@@ -44,7 +40,7 @@ class VisionConfig:
         width, layers, heads, patch: tiny encoder shape.
     """
 
-    kind: str = "tiny"
+    kind: VisionKind = "tiny"
     image_size: int = 64
     n_levels: int = 4
     feature_layer: int = -2
@@ -55,7 +51,7 @@ class VisionConfig:
     patch: int = 8
 
     def validate(self) -> None:
-        _check(self.kind, VISION_KINDS, "vision.kind")
+        check_choices(self, "model.vision")
         if self.image_size < 16:
             raise ConfigError(f"vision.image_size must be >= 16, got {self.image_size}")
 
@@ -84,19 +80,19 @@ class LLMConfig:
             length, a padded vocabulary, so the no-shrink rule is exercised).
     """
 
-    kind: str = "tiny"
-    template: str = "paper"
+    kind: LLMKind = "tiny"
+    template: Template = "paper"
     system_prompt: str = (
         "A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions."
     )
     seg_token: str = "<seg>"
     image_token: str = "<image>"
-    seg_state: str = "at_seg"
+    seg_state: SegState = "at_seg"
     seg_answer: str = "It is <seg>."
     mask_prompt_tokens: int = 0
     mask_prompt_grid: int = 8
-    dtype: str = "float32"
+    dtype: DType = "float32"
     hidden_size: int = 64
     layers: int = 2
     heads: int = 4
@@ -104,10 +100,7 @@ class LLMConfig:
     vocab_rows: int = 1024
 
     def validate(self) -> None:
-        _check(self.kind, LLM_KINDS, "llm.kind")
-        _check(self.template, TEMPLATES, "llm.template")
-        _check(self.seg_state, SEG_STATES, "llm.seg_state")
-        _check(self.dtype, ("float32", "bfloat16", "float16"), "llm.dtype")
+        check_choices(self, "model.llm")
         if self.mask_prompt_tokens < 0 or self.mask_prompt_grid < 1:
             raise ConfigError(
                 f"llm.mask_prompt_tokens must be >= 0 and llm.mask_prompt_grid >= 1, got "
@@ -153,12 +146,12 @@ class BackboneConfig:
         width: tiny backbone width.
     """
 
-    kind: str = "tiny"
+    kind: BackboneKind = "tiny"
     image_size: int = 64
     width: int = 32
 
     def validate(self) -> None:
-        _check(self.kind, BACKBONE_KINDS, "backbone.kind")
+        check_choices(self, "model.backbone")
 
 
 @dataclass
@@ -176,7 +169,7 @@ class MaskDecoderConfig:
             does not first spend its steps pushing every pixel down; 0 for SAM's calibrated decoder.
     """
 
-    kind: str = "scratch"
+    kind: DecoderKind = "scratch"
     dim: int = 256
     layers: int = 2
     heads: int = 8
@@ -185,7 +178,7 @@ class MaskDecoderConfig:
     logit_bias: float = -4.59512
 
     def validate(self) -> None:
-        _check(self.kind, DECODER_KINDS, "mask_decoder.kind")
+        check_choices(self, "model.mask_decoder")
         if self.dim % 8 or self.dim % self.heads:
             raise ConfigError(f"mask_decoder.dim must be divisible by 8 and by heads, got {self.dim}")
 
@@ -193,21 +186,19 @@ class MaskDecoderConfig:
 @dataclass
 class LossConfig:
     """Loss weights of Eq. 6-7: λ_txt = 1, λ_bce = 2, λ_dice = 0.5 (OURS, LISA's), λ_seg = 1.
-    ``pbsd`` is λ_pbsd for DSSL's L_pbsd (Eq. 17; next issue, OURS value), 0 until DSSL exists.
-    ``extra`` weights any other auxiliary loss named ``loss_<name>`` (default weight 1)."""
+
+    ``pbsd`` is λ_pbsd of Eq. 7, the weight of DSSL's L_pbsd (Eq. 17; OURS: 1.0); it applies only when
+    DSSL is trained (``train.dssl``)."""
 
     txt: float = 1.0
     seg: float = 1.0
     bce: float = 2.0
     dice: float = 0.5
-    pbsd: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
+    pbsd: float = 1.0
 
-    def weight(self, name: str) -> float:
-        """Weight of an auxiliary loss ``loss_<name>``."""
-        if name == "pbsd":
-            return self.pbsd
-        return float(self.extra.get(name, 1.0))
+    def validate(self) -> None:
+        if self.pbsd < 0:
+            raise ConfigError(f"model.loss.pbsd must be >= 0, got {self.pbsd}")
 
 
 @dataclass
@@ -217,12 +208,12 @@ class ScoreConfig:
     ``max_smoothed`` (default): max of the map after a Gaussian blur of ``sigma`` pixels at the input size;
     ``max``: plain max; ``mean_topk``: mean of the top ``topk_ratio`` fraction of pixels."""
 
-    rule: str = "max_smoothed"
+    rule: ScoreRule = "max_smoothed"
     sigma: float = 4.0
     topk_ratio: float = 0.01
 
     def validate(self) -> None:
-        _check(self.rule, SCORE_RULES, "score.rule")
+        check_choices(self, "model.score")
 
 
 @dataclass
@@ -244,7 +235,8 @@ class VMADConfig:
     seed: int = 0
 
     def validate(self) -> VMADConfig:
-        for part in (self.vision, self.llm, self.lora, self.backbone, self.mask_decoder, self.score):
+        parts = (self.vision, self.llm, self.lora, self.backbone, self.mask_decoder, self.loss, self.score)
+        for part in parts:
             part.validate()
         self.projector.validate()
         if self.projector.n_levels > self.vision.n_levels:
@@ -254,41 +246,25 @@ class VMADConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VMADConfig:
-        parts = {
-            "vision": VisionConfig,
-            "projector": ProjectorConfig,
-            "llm": LLMConfig,
-            "lora": LoRAConfig,
-            "seg_head": SegHeadConfig,
-            "backbone": BackboneConfig,
-            "mask_decoder": MaskDecoderConfig,
-            "loss": LossConfig,
-            "score": ScoreConfig,
-        }
-        kwargs = {k: _part(parts[k], v or {}, k) if k in parts else v for k, v in data.items()}
-        return from_mapping(cls, kwargs, "model").validate()
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> VMADConfig:
-        """Read the ``model:`` section of a YAML file (or the whole file when it has none)."""
-        import yaml
-
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping")
-        return cls.from_dict(data.get("model", data))
+        """A full model config, as saved with a model (legacy keys: :func:`upgrade_legacy_model`)."""
+        return from_mapping(cls, upgrade_legacy_model(data), "model").validate()
 
 
-def _part(cls: type, data: Any, name: str) -> Any:
-    if isinstance(data, cls):
-        return data
+def upgrade_legacy_model(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config saved before ``loss.extra`` was removed, without it (a non-empty one is an error)."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"model.{name} must be a mapping, got {type(data).__name__}")
-    if hasattr(cls, "from_dict"):
-        return cls.from_dict(data)
-    return from_mapping(cls, data, f"model.{name}")
+        raise ConfigError(f"model must be a mapping, got {type(data).__name__}")
+    data = copy.deepcopy(dict(data))
+    loss = data.get("loss")
+    if isinstance(loss, Mapping) and "extra" in loss:
+        if loss["extra"]:
+            raise ConfigError(
+                f"model.loss.extra {dict(loss['extra'])} is no longer supported "
+                "(model.loss.pbsd is the only auxiliary-loss weight)"
+            )
+        data["loss"] = {key: value for key, value in loss.items() if key != "extra"}
+    return data

@@ -22,19 +22,20 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vmad.config import from_mapping
+from vmad.config import check_choices, from_mapping, to_dict
 from vmad.errors import ConfigError
 from vmad.model.roi import crop_patches, roi_tokens
 from vmad.tensor_io import save_safetensors
 
-PATCH_TOKEN_MODES = ("crop", "roi")
+PatchTokenMode = Literal["crop", "roi"]
+PATCH_TOKEN_MODES: tuple[str, ...] = get_args(PatchTokenMode)
 
 
 @dataclass
@@ -65,7 +66,9 @@ class DSSLConfig:
             M_txt for this step, so Meta-Net receives gradient (memory entries are stored detached).
         include_self: OURS. With ``include_current``, whether an image's own entry is among its candidates
             (default False: the paper's premise is that normal patches find parallels in OTHER samples).
-        lambda_pbsd: weight of L_pbsd in the total loss, Eq. 7 (OURS: 1.0).
+
+    λ_pbsd, the weight of L_pbsd in the total loss (Eq. 7), is ``model.loss.pbsd``
+    (:class:`vmad.model.config.LossConfig`).
     """
 
     num_boxes: int = 32
@@ -77,24 +80,20 @@ class DSSLConfig:
     capacity_divisor: int = 20
     min_capacity: int = 8
     default_capacity: int = 32
-    patch_tokens: str = "crop"
+    patch_tokens: PatchTokenMode = "crop"
     crop_input_size: int | None = None
     roi_output_size: int = 2
     roi_sampling_ratio: int = 2
     normalize_tokens: bool = True
     include_current: bool = True
     include_self: bool = False
-    lambda_pbsd: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on an invalid value."""
-        if self.patch_tokens not in PATCH_TOKEN_MODES:
-            raise ConfigError(
-                f"dssl.patch_tokens must be one of {PATCH_TOKEN_MODES}, got {self.patch_tokens!r}"
-            )
+        check_choices(self, "dssl")
         for name in (
             "num_boxes",
             "box_size",
@@ -113,15 +112,13 @@ class DSSLConfig:
             raise ConfigError(f"dssl.tau must be > 0, got {self.tau}")
         if self.crop_input_size is not None and self.crop_input_size < 1:
             raise ConfigError(f"dssl.crop_input_size must be >= 1 or null, got {self.crop_input_size}")
-        if self.lambda_pbsd < 0:
-            raise ConfigError(f"dssl.lambda_pbsd must be >= 0, got {self.lambda_pbsd}")
 
     def capacity_for(self, class_size: int) -> int:
         """Queue length for a class of ``class_size`` training samples: max(min_capacity, ceil(size / 20))."""
         return max(self.min_capacity, math.ceil(class_size / self.capacity_divisor))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DSSLConfig:
@@ -378,12 +375,11 @@ def pbsd_loss(
 
 @dataclass
 class DSSLOutput:
-    """``loss``: L_pbsd (unweighted, mean over the batch's images, including zeros); ``weighted``:
-    lambda_pbsd * loss; ``per_image [B]``; ``has_positive [B]`` (False -> that image contributed 0);
+    """``loss``: L_pbsd (unweighted, mean over the batch's images, including zeros; the model weights it by
+    ``model.loss.pbsd``); ``per_image [B]``; ``has_positive [B]`` (False -> that image contributed 0);
     ``v [B, N_b, Dz]``, ``z [B, Dz]``, ``theta [B, Dt]``."""
 
     loss: Tensor
-    weighted: Tensor
     per_image: Tensor
     has_positive: Tensor
     v: Tensor
@@ -506,7 +502,7 @@ class DSSL(nn.Module):
         do_update = self.training if update_memory is None else update_memory
         if do_update:
             self.memory.push(list(class_names), normal, z.detach(), theta.detach())
-        return DSSLOutput(loss, self.cfg.lambda_pbsd * loss, per_image, has_pos, v, z, theta)
+        return DSSLOutput(loss, per_image, has_pos, v, z, theta)
 
 
 def crop_patch_tokens(

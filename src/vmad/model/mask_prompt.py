@@ -9,9 +9,17 @@ result -> prompt embeddings); the summary features and the MLP are our own.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vmad.model.outputs import EncodedImages
+from vmad.model.sequence import TokenSequence, first_index, splice
+
+if TYPE_CHECKING:
+    from vmad.model.vmad import VMADModel
 
 
 def mask_summary(probs: Tensor, grid: int) -> Tensor:
@@ -58,3 +66,22 @@ class MaskPrompt(nn.Module):
         feats = mask_summary(probs.detach(), self.grid).to(self.base.dtype)
         delta = self.mlp(feats).view(-1, self.n_tokens, self.llm_dim)
         return self.base[None] + delta
+
+
+def insert_mask_prompt(model: VMADModel, encoded: EncodedImages, seq: TokenSequence) -> TokenSequence:
+    """Mask from a no-grad LLM pass up to ``<seg>``, its prompt embeddings inserted after ``<seg>``.
+    Samples without ``<seg>`` get the same number of masked padding positions at the end."""
+    assert model.mask_prompt is not None
+    seg_index, has = first_index(seq.ids, model.seg_token_id)
+    prompts = seq.embeds.new_zeros(len(seq.ids), model.mask_prompt.n_tokens, seq.embeds.shape[-1])
+    rows = torch.nonzero(has).flatten()
+    if len(rows):
+        end = int(seg_index[rows].max()) + 1
+        head = TokenSequence(seq.embeds[:, :end], seq.ids[:, :end], seq.attention[:, :end])
+        with torch.no_grad():
+            hidden = model.run_llm(head.embeds, head.attention, head.position_ids())
+            h_seg = hidden[rows, model.seg_positions(seq.ids)[rows]]
+            probs = model.mask_probs(encoded.rows(rows), h_seg)
+        prompts[rows] = model.mask_prompt(probs).to(prompts.dtype)
+    at = [int(seg_index[b]) + 1 if bool(has[b]) else seq.ids.shape[1] for b in range(len(seq.ids))]
+    return splice(seq, at, prompts, model.slot_token_id, has.tolist(), replace=False)

@@ -2,7 +2,7 @@
 
 Every projector maps ``last [B, N, C]`` (the encoder's last layer, N = grid * grid tokens, row-major) and
 ``levels`` (the n earlier layers, oldest first, ``[B, N, C_l]``) to ``[B, M, D]`` tokens of LLM width D.
-``build_projector`` is the one place that assembles them from a :class:`ProjectorConfig`:
+``vmad.model.build.build_projector`` assembles them from a :class:`ProjectorConfig`:
 
 - ``ltc``: Locality-enhanced Token Compression, the paper's projector (see :mod:`vmad.model.ltc`);
 - ``mlp``: LLaVA-1.5's Linear-GELU-Linear on every token (M = N);
@@ -18,19 +18,22 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vmad.config import from_mapping
+from vmad.config import check_choices, from_mapping, to_dict
 from vmad.errors import ConfigError
 from vmad.model.deformable import grid_reference_points
+from vmad.model.layers import grid_side, map_to_tokens, tokens_to_map
 
-PROJECTOR_KINDS = ("ltc", "mlp", "avgpool", "resampler", "ldpv2")
-REFINE_MODES = ("none", "last", "multi")
+ProjectorKind = Literal["ltc", "mlp", "avgpool", "resampler", "ldpv2"]
+RefineMode = Literal["none", "last", "multi"]
+PROJECTOR_KINDS: tuple[str, ...] = get_args(ProjectorKind)
+REFINE_MODES: tuple[str, ...] = get_args(RefineMode)
 
 
 @dataclass
@@ -62,11 +65,11 @@ class ProjectorConfig:
         resampler_layers: cross-attention layers of the resampler (OURS: 1, as Qwen-VL).
     """
 
-    kind: str = "ltc"
+    kind: ProjectorKind = "ltc"
     rho: int = 2
     n_levels: int = 4
     use_local_context: bool = True
-    refine: str = "multi"
+    refine: RefineMode = "multi"
     multi_include_last: bool = False
     local_blocks: int = 2
     heads: int = 8
@@ -84,10 +87,7 @@ class ProjectorConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on an invalid value."""
-        if self.kind not in PROJECTOR_KINDS:
-            raise ConfigError(f"projector.kind must be one of {PROJECTOR_KINDS}, got {self.kind!r}")
-        if self.refine not in REFINE_MODES:
-            raise ConfigError(f"projector.refine must be one of {REFINE_MODES}, got {self.refine!r}")
+        check_choices(self, "projector")
         for name in ("rho", "heads", "points", "local_blocks", "resampler_layers"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"projector.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -103,34 +103,16 @@ class ProjectorConfig:
             raise ConfigError(f"projector.num_queries must be >= 1 or null, got {self.num_queries}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProjectorConfig:
         return from_mapping(cls, data, "projector")
 
 
-def grid_side(num_tokens: int) -> int:
-    """Side of a square token grid; raises ValueError when ``num_tokens`` is not a square."""
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
-        raise ValueError(f"{num_tokens} tokens do not form a square grid")
-    return side
-
-
 def pooled_side(grid: int, rho: int) -> int:
     """Side of the pooled grid: ``ceil(grid / rho)`` (every fine cell belongs to exactly one coarse cell)."""
     return -(-grid // rho)
-
-
-def tokens_to_map(x: Tensor, side: int) -> Tensor:
-    """``[B, side*side, C]`` row-major tokens -> ``[B, C, side, side]``."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
-
-
-def map_to_tokens(x: Tensor) -> Tensor:
-    """``[B, C, H, W]`` -> ``[B, H*W, C]`` row-major tokens."""
-    return x.flatten(2).transpose(1, 2)
 
 
 def mlp2x_gelu(in_dim: int, out_dim: int) -> nn.Sequential:
@@ -282,28 +264,6 @@ class LDPv2Projector(Projector):
 
     def num_output_tokens(self, grid: int) -> int:
         return pooled_side(grid, self.rho) ** 2
-
-
-def build_projector(
-    cfg: ProjectorConfig, in_dim: int, level_dims: Sequence[int], out_dim: int, grid: int
-) -> Projector:
-    """Assemble the projector ``cfg.kind`` for encoder width ``in_dim``, earlier-level widths ``level_dims``
-    (oldest first), LLM width ``out_dim`` and the encoder's nominal ``grid`` side."""
-    cfg.validate()
-    if cfg.kind == "mlp":
-        return MLPProjector(in_dim, out_dim)
-    if cfg.kind == "avgpool":
-        return AvgPoolProjector(in_dim, out_dim, cfg.rho)
-    if cfg.kind == "ldpv2":
-        return LDPv2Projector(in_dim, out_dim, cfg.rho)
-    if cfg.kind == "resampler":
-        queries = cfg.num_queries if cfg.num_queries is not None else pooled_side(grid, cfg.rho) ** 2
-        return ResamplerProjector(in_dim, out_dim, queries, cfg.heads, cfg.resampler_layers, cfg.ffn_ratio)
-    from vmad.model.ltc import LTC  # ltc.py imports this module
-
-    if cfg.refine == "multi" and len(level_dims) != cfg.n_levels:
-        raise ConfigError(f"LTC refine='multi' needs {cfg.n_levels} level widths, got {list(level_dims)}")
-    return LTC(cfg, in_dim, list(level_dims), out_dim)
 
 
 def table_v_variants(base: ProjectorConfig | None = None) -> dict[str, ProjectorConfig]:

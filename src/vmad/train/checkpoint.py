@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# write_text_atomic is part of this module's API (the trainer calls ckpt.write_text_atomic)
+from vmad.atomic import fsync_dir, write_json_atomic, write_text_atomic
+
 PREFIX = "checkpoint-"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -29,35 +32,9 @@ STATE_FILE = "trainer_state.json"
 # ------------------------------------------------------------------------------------------ plain files
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file in the same folder and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Write checkpoint JSON (indent 1, no final newline) atomically and fsync'ed."""
+    write_json_atomic(path, data, indent=1, newline=False)
 
 
 def read_json(path: Path) -> Any:
@@ -179,7 +156,7 @@ def commit(output_dir: Path, step: int, state: Mapping[str, Any]) -> Path:
     """Finish checkpoint ``step``: write its state file, move it into place, then update ``latest``."""
     tmp = temp_dir(output_dir, step)
     write_json(tmp / STATE_FILE, dict(state))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     final = output_dir / checkpoint_name(step)
     trash = None
     if final.exists():  # e.g. re-saving the step a run was resumed from
@@ -188,7 +165,7 @@ def commit(output_dir: Path, step: int, state: Mapping[str, Any]) -> Path:
             shutil.rmtree(trash)
         os.replace(final, trash)
     os.replace(tmp, final)
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
     write_text_atomic(output_dir / LATEST, final.name + "\n")
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)

@@ -1,27 +1,28 @@
 """Training configuration: one YAML file with ``model``, ``data``, ``train``, ``dssl`` and ``output_dir``.
 
-``model`` is :class:`vmad.model.config.VMADConfig` (a section holding ``preset`` starts from that preset and
-overrides the keys it lists), ``dssl`` is :class:`vmad.model.dssl.DSSLConfig`. ``--set key=value`` overrides
-any key by its dotted path; the value is parsed as YAML and checked against the field's type. An unknown key
-anywhere is a :class:`ConfigError` naming it and listing the valid keys at that level.
+``model`` is :class:`vmad.model.config.VMADConfig`: a section naming ``preset`` starts from that preset and
+overrides the keys it lists (:func:`resolve_model_section`). ``dssl`` is :class:`vmad.model.dssl.DSSLConfig`.
+``--set key=value`` overrides any key by its dotted path. :func:`vmad.config.from_mapping` builds it all
+(values coerced to the field types, ``Literal`` values checked, an unknown key an error listing the valid
+ones). Configs saved by earlier versions are read through :func:`upgrade_legacy`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import types
-import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from vmad.config import apply_overrides, check_choices, from_mapping, merge, to_dict
 from vmad.errors import ConfigError
-from vmad.model.config import VMADConfig
+from vmad.model.config import VMADConfig, upgrade_legacy_model
 from vmad.model.dssl import DSSLConfig
 
-SCHEDULERS = ("cosine", "constant")
+Scheduler = Literal["cosine", "constant"]
+Split = Literal["train", "val", "test"]
 FREEZABLE = (
     "projector",
     "seg_head",
@@ -60,7 +61,7 @@ class DataConfig:
 
     root: str | None = None
     format: str | None = None
-    split: str | None = "train"
+    split: Split | None = "train"
     classes: list[str] | None = None
     image_size: int | None = None
     tasks: TaskRatioConfig = field(default_factory=TaskRatioConfig)
@@ -84,7 +85,7 @@ class TrainLoopConfig:
         log_every, save_every: log / checkpoint period in optimizer steps (save_every 0: only at the end).
         keep_checkpoints: how many ``checkpoint-<step>`` folders to keep (None = all).
         seed: data order, task draws, DSSL boxes, dropout.
-        dssl: add DSSL's L_pbsd (Eq. 17) to the loss.
+        dssl: add DSSL's L_pbsd (Eq. 17) to the loss, weighted by ``model.loss.pbsd`` (Eq. 7).
         dssl_prefill: OURS. Fill the DSSL memory with ``capacity`` samples per class (no gradient, model in
             eval mode) before the first step, so L_pbsd is measured against a full queue from the start.
         progress: show a tqdm progress bar.
@@ -108,7 +109,7 @@ class TrainLoopConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    scheduler: str = "cosine"
+    scheduler: Scheduler = "cosine"
     warmup_steps: int = 0
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
@@ -136,6 +137,10 @@ class TrainConfig:
     output_dir: str = "runs/vmad"
 
     def validate(self) -> TrainConfig:
+        self.model.validate()
+        self.dssl.validate()
+        check_choices(self.data, "data")
+        check_choices(self.train, "train")
         t, d = self.train, self.data
         positive = {
             "train.epochs": t.epochs,
@@ -160,8 +165,6 @@ class TrainConfig:
             raise ConfigError("train.weight_decay >= 0, 0 <= train.warmup_ratio < 1, 0 <= min_lr_ratio <= 1")
         if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
-        if t.scheduler not in SCHEDULERS:
-            raise ConfigError(f"train.scheduler must be one of {SCHEDULERS}, got {t.scheduler!r}")
         if t.stop_after is not None and t.stop_after < 1:
             raise ConfigError(f"train.stop_after must be >= 1 or null, got {t.stop_after}")
         if t.keep_checkpoints is not None and t.keep_checkpoints < 1:
@@ -171,17 +174,9 @@ class TrainConfig:
             raise ConfigError(f"train.freeze: unknown part(s) {unknown}; choose from {list(FREEZABLE)}")
         if d.image_size is not None and d.image_size < 16:
             raise ConfigError(f"data.image_size must be >= 16, got {d.image_size}")
-        if d.split is not None and d.split not in ("train", "val", "test"):
-            raise ConfigError(f"data.split must be train, val, test or null, got {d.split!r}")
         ratios = (d.tasks.seg, d.tasks.seg_answer, d.tasks.vqa)
         if min(ratios) < 0 or sum(ratios) <= 0:
             raise ConfigError(f"data.tasks ratios must be >= 0 with a positive sum, got {ratios}")
-        pbsd = self.model.loss.pbsd
-        if t.dssl and pbsd not in (0.0, self.dssl.lambda_pbsd):
-            raise ConfigError(
-                f"model.loss.pbsd ({pbsd}) differs from dssl.lambda_pbsd ({self.dssl.lambda_pbsd}); "
-                "set only dssl.lambda_pbsd (the trainer copies it into model.loss.pbsd)"
-            )
         if not str(self.output_dir):
             raise ConfigError("output_dir must be set")
         return self
@@ -194,171 +189,55 @@ class TrainConfig:
         return max(self.model.vision.image_size, self.model.backbone.image_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.to_dict(),
-            "data": asdict(self.data),
-            "train": asdict(self.train),
-            "dssl": self.dssl.to_dict(),
-            "output_dir": self.output_dir,
-        }
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        """Build from a mapping; unknown keys and badly typed values are :class:`ConfigError`."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"a training config must be a mapping, got {type(data).__name__}")
-        data = coerce(cls, data, "")
-        model_data = dict(data.get("model") or {})
-        if "preset" in model_data:
-            from vmad.model.build import preset_config
-
-            model_data = _merge(preset_config(str(model_data["preset"])).to_dict(), model_data)
-        kwargs: dict[str, Any] = {"model": VMADConfig.from_dict(model_data)}
-        kwargs["data"] = DataConfig(
-            **{
-                **(data.get("data") or {}),
-                "tasks": TaskRatioConfig(**((data.get("data") or {}).get("tasks") or {})),
-            }
-        )
-        kwargs["train"] = TrainLoopConfig(**(data.get("train") or {}))
-        kwargs["dssl"] = DSSLConfig.from_dict(data.get("dssl") or {})
-        if "output_dir" in data:
-            kwargs["output_dir"] = str(data["output_dir"])
-        return cls(**kwargs).validate()
+        """Build from a mapping (legacy keys upgraded, the model preset resolved) and validate."""
+        data = upgrade_legacy(data)
+        if "model" in data:
+            data["model"] = resolve_model_section(data["model"])
+        return from_mapping(cls, data, "").validate()
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "extra":
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+def resolve_model_section(section: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A ``model:`` section naming ``preset``: that preset's full dict (``vmad.model.build.preset_config``)
+    deep-merged with the section's other keys; without ``preset``, the section itself (dataclass defaults)."""
+    if section is not None and not isinstance(section, Mapping):
+        raise ConfigError(f"model must be a mapping, got {type(section).__name__}")
+    section = dict(section or {})
+    if "preset" not in section:
+        return section
+    from vmad.model.build import preset_config
+
+    return merge(preset_config(str(section["preset"])).to_dict(), section)
 
 
-# ------------------------------------------------------------------------------------ key / type checks
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _options(tp: Any) -> tuple[Any, ...]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return typing.get_args(tp)
-    return (tp,)
-
-
-def _coerce_value(tp: Any, value: Any, key: str) -> Any:
-    """``value`` checked against annotation ``tp`` (Optional, bool, int, float, str, list[...], dict)."""
-    opts = _options(tp)
-    if value is None:
-        if type(None) in opts:
-            return None
-        raise ConfigError(f"config key '{key}' may not be null")
-    errors = []
-    for opt in opts:
-        if opt is type(None):
-            continue
-        origin = typing.get_origin(opt) or opt
-        if is_dataclass(opt):
-            if isinstance(value, Mapping):
-                return coerce(opt, value, key + ".")
-            errors.append("a mapping")
-        elif opt is bool:
-            if isinstance(value, bool):
-                return value
-            errors.append("true/false")
-        elif opt is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            errors.append("an integer")
-        elif opt is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-            errors.append("a number")
-        elif opt is str:
-            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                return str(value)
-            errors.append("a string")
-        elif origin is list:
-            if isinstance(value, Sequence) and not isinstance(value, str):
-                (item,) = typing.get_args(opt) or (Any,)
-                return [
-                    v if item is Any else _coerce_value(item, v, f"{key}[{i}]") for i, v in enumerate(value)
-                ]
-            errors.append("a list")
-        elif origin is dict:
-            if isinstance(value, Mapping):
-                return dict(value)
-            errors.append("a mapping")
-        else:
-            return value
-    raise ConfigError(f"config key '{key}' must be {' or '.join(errors)}, got {value!r}")
-
-
-def coerce(cls: type, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """Check ``data``'s keys against dataclass ``cls`` (recursively) and coerce its values to the field
-    types. Unknown key: ConfigError naming it and listing the valid keys of its level."""
+def upgrade_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A training config as written before λ_pbsd had one place: ``dssl.lambda_pbsd`` moves to
+    ``model.loss.pbsd`` (whatever ``train.dssl`` says) and an empty ``model.loss.extra`` is dropped."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
-    hints = _hints(cls)
-    valid = [f.name for f in fields(cls)]
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in valid:
-            level = f"under '{prefix.rstrip('.')}'" if prefix else "at the top level"
-            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys {level}: {', '.join(valid)}")
-        out[key] = _coerce_value(hints[key], value, prefix + key)
-    return out
-
-
-# ------------------------------------------------------------------------------------ loading / --set
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
-    import yaml
-
-    if "=" not in text:
-        raise ConfigError(f"--set expects key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    parts = [p for p in key.strip().split(".")]
-    if not all(parts):
-        raise ConfigError(f"--set: bad key {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc})") from None
-    return parts, value
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Set each ``key=value`` in the raw mapping (sections are created as needed; keys are checked later)."""
-    data = copy.deepcopy(data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {'.'.join(parts)}: '{'.'.join(parts[: i + 1])}' is not a section")
-            node = nxt
-        node[parts[-1]] = value
+        raise ConfigError(f"a training config must be a mapping, got {type(data).__name__}")
+    data = copy.deepcopy(dict(data))
+    dssl = data.get("dssl")
+    if isinstance(dssl, Mapping) and "lambda_pbsd" in dssl:
+        data["dssl"] = {key: value for key, value in dssl.items() if key != "lambda_pbsd"}
+        model = data.get("model") if isinstance(data.get("model"), Mapping) else {}
+        loss = model.get("loss") if isinstance(model.get("loss"), Mapping) else {}
+        data["model"] = {**model, "loss": {**loss, "pbsd": dssl["lambda_pbsd"]}}
+    if isinstance(data.get("model"), Mapping):
+        data["model"] = upgrade_legacy_model(data["model"])
     return data
 
 
+def normalize_saved_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config saved by a training run (``train_config.json``, a checkpoint's ``state.json``), old or new,
+    in the shape of :meth:`TrainConfig.to_dict` now (for comparison with the running config)."""
+    return TrainConfig.from_dict(data).to_dict()
+
+
 def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a training YAML file, apply ``--set`` overrides, validate."""
+    """Read a training YAML file, apply ``--set`` overrides, resolve the model preset, validate."""
     import yaml
 
     path = Path(path)

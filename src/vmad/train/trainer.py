@@ -7,8 +7,8 @@ gradient accumulation, clipping. Each optimizer step logs the mean of its micro-
 ``loss_dice`` over the micro-batches that had a segmentation answer, null when none had) to
 ``<output_dir>/log.jsonl``; checkpoints (:mod:`vmad.train.checkpoint`) hold the trained weights, optimizer
 and scheduler state, DSSL memory and box generator, RNG states and the data position, so ``--resume``
-continues bit-exactly. ``<output_dir>/final/`` is a ``VMADModel.from_pretrained`` folder (without the
-training-only DSSL heads).
+continues bit-exactly. ``<output_dir>/final/`` is a ``vmad.model.build.load_pretrained`` folder (without the
+training-only DSSL heads, which checkpoints keep in ``dssl.safetensors``).
 
 DeepSpeed: its optimizer state is sharded by the engine and saved with ``accelerator.save_state(...,
 safe_serialization=True)``: model weights as safetensors, but DeepSpeed's optimizer shards are written by
@@ -17,6 +17,7 @@ safe_serialization=True)``: model weights as safetensors, but DeepSpeed's optimi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -34,10 +35,13 @@ from torch import nn
 from vmad.errors import ConfigError
 from vmad.tensor_io import save_safetensors
 from vmad.train import checkpoint as ckpt
-from vmad.train.config import TrainConfig
+from vmad.train.config import TrainConfig, normalize_saved_config
 from vmad.train.dataset import EpochBatches, InstructionDataset, batches_per_epoch, collate
+from vmad.train.dssl_loss import DSSLLoss
+from vmad.train.losses import LossTerms, TrainingModule, VMADLoss
 
 LOG_NAME = "log.jsonl"
+DSSL_WEIGHTS = "dssl.safetensors"  # DSSL heads and Meta-Net in a checkpoint (not in final/)
 FINAL_DIR = "final"
 LOSS_KEYS = ("loss", "loss_txt", "loss_bce", "loss_dice", "loss_pbsd")
 # Config parts that must match for an exact resume.
@@ -149,7 +153,7 @@ class Trainer:
 
         from vmad.data.prompts import TaskRatios
         from vmad.model.build import build_vmad
-        from vmad.train.dssl_aux import DSSLAux
+        from vmad.model.weights_io import resolve_model_path
 
         self.cfg = cfg
         t = cfg.train
@@ -161,14 +165,9 @@ class Trainer:
         _seed_all(t.seed + self.rank)
         init_from = None
         if t.init_from:  # checked before the data is read
-            from vmad.infer.detector import resolve_model_path
-
             init_from = resolve_model_path(t.init_from)
         samples = _load_samples(cfg)
-        model_cfg = cfg.model
-        if t.dssl:
-            model_cfg.loss.pbsd = cfg.dssl.lambda_pbsd
-        self.model = build_vmad(model_cfg)
+        self.model = build_vmad(cfg.model)
         if init_from is not None:  # parts this model adds (the OURS mask prompt) start fresh
             fresh = self.model.load_trainable(init_from, keep_fresh=("mask_prompt.",))
             if fresh and self.rank == 0:
@@ -182,36 +181,39 @@ class Trainer:
             t.seed,
             self.model.config.llm.seg_token,
         )
-        self.aux: DSSLAux | None = None
+        self.dssl: DSSLLoss | None = None
         if t.dssl:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(t.seed)
-                self.aux = DSSLAux(
+                self.dssl = DSSLLoss(
                     self.model, cfg.dssl, self.dataset.class_sizes(), seed=t.seed * 7919 + self.rank
                 )
-            self.model.attach_aux("pbsd", self.aux)
-        self.model.to(self.acc.device)
+        self.training_module = TrainingModule(self.model, VMADLoss(self.model.config.loss, self.dssl))
+        self.training_module.to(self.acc.device)
         self.per_epoch = batches_per_epoch(len(self.dataset), t.batch_size, self.world)
         self.total_steps = t.max_steps or t.epochs * -(-self.per_epoch // t.grad_accum)
-        warmup = t.warmup_steps or int(round(t.warmup_ratio * self.total_steps))
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            functools.partial(
-                lr_factor, warmup=warmup, total=self.total_steps, kind=t.scheduler, floor=t.min_lr_ratio
-            ),
-        )
+        self.optimizer, self.scheduler = self._optimizer_and_schedule()
         self.deepspeed = self.acc.state.deepspeed_plugin is not None
         if self.deepspeed:
             ds = self.acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = t.batch_size
             ds["gradient_accumulation_steps"] = t.grad_accum
             ds["gradient_clipping"] = t.max_grad_norm or 0.0
-        self.wrapped, self.opt = self.acc.prepare(self.model, self.optimizer)
+        self.wrapped, self.opt = self.acc.prepare(self.training_module, self.optimizer)
         self.step = 0
         self.pos = DataPosition()
+
+    def _optimizer_and_schedule(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW over the trained parameters and its warmup + cosine (or constant) schedule."""
+        t = self.cfg.train
+        warmup = t.warmup_steps or int(round(t.warmup_ratio * self.total_steps))
+        optimizer = torch.optim.AdamW(
+            param_groups(self.training_module, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps
+        )
+        schedule = functools.partial(
+            lr_factor, warmup=warmup, total=self.total_steps, kind=t.scheduler, floor=t.min_lr_ratio
+        )
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     # ------------------------------------------------------------------ data
     def _stream(self) -> Iterator[dict[str, Any]]:
@@ -247,7 +249,7 @@ class Trainer:
         """Fill each class's DSSL queue before step 1 (OURS; train.dssl_prefill), model in eval mode."""
         from torch.utils.data import DataLoader
 
-        assert self.aux is not None
+        assert self.dssl is not None
         t = self.cfg.train
         order = EpochBatches(len(self.dataset), t.batch_size, -1, t.seed, self.rank, self.world)
         classes = sorted(self.dataset.class_sizes())
@@ -260,9 +262,9 @@ class Trainer:
             generator=torch.Generator().manual_seed(t.seed),
         )
         for raw in loader:
-            if self.aux.memory_full(classes):
+            if self.dssl.memory_full(classes):
                 break
-            self.aux.push_only(self.model, self._batch(raw))
+            self.dssl.push_only(self.model, self._batch(raw))
 
     # ------------------------------------------------------------------ checkpoints
     def _config_dict(self) -> dict[str, Any]:
@@ -279,11 +281,13 @@ class Trainer:
         tensors, meta = ckpt.rng_state()
         save_safetensors(tmp / f"rng_rank{self.rank}.safetensors", tensors)
         extra: dict[str, Any] = {"rng": meta, "data": {"epoch": self.pos.epoch, "batch": self.pos.batch}}
-        if self.aux is not None:
-            save_safetensors(tmp / f"dssl_rank{self.rank}.safetensors", self.aux.extra_state())
+        if self.dssl is not None:
+            save_safetensors(tmp / f"dssl_rank{self.rank}.safetensors", self.dssl.extra_state())
         ckpt.write_json(tmp / f"rank{self.rank}.json", extra)
         if acc.is_main_process:
             self.model.save_trainable(tmp / "model")
+            if self.dssl is not None:
+                save_safetensors(tmp / DSSL_WEIGHTS, self.dssl.state_dict())
             if not self.deepspeed:
                 tensors, meta = ckpt.optimizer_state(self.optimizer.state_dict())
                 save_safetensors(tmp / "optimizer.safetensors", tensors)
@@ -311,12 +315,18 @@ class Trainer:
                 f"{path}: written by {state['world_size']} processes, resuming with {self.world}; "
                 "an exact resume needs the same number"
             )
-        saved, now = state["config"], self._config_dict()
+        try:  # configs saved by earlier versions are upgraded (e.g. dssl.lambda_pbsd -> model.loss.pbsd)
+            saved = normalize_saved_config(state["config"])
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: its saved config cannot be read ({exc})") from None
+        now = self._config_dict()
         diffs = [k for k in RESUME_KEYS if _without(saved.get(k)) != _without(now.get(k))]
         diffs += [f"train.{k}" for k in RESUME_TRAIN_KEYS if saved["train"].get(k) != now["train"].get(k)]
         if diffs:
             raise ConfigError(f"{path}: the config differs from the checkpoint's in {diffs}; cannot resume")
         self.model.load_trainable(path / "model")
+        if self.dssl is not None:
+            self.dssl.load_state_dict(_dssl_weights(path))
         if self.deepspeed:
             self.acc.load_state(str(path / "accelerate"))
         else:
@@ -327,14 +337,14 @@ class Trainer:
         sched["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
         self.scheduler.load_state_dict(sched)
         extra = ckpt.read_json(path / f"rank{self.rank}.json")
-        if self.aux is not None:
-            self.aux.load_extra_state(ckpt.load_tensors(path / f"dssl_rank{self.rank}.safetensors"))
+        if self.dssl is not None:
+            self.dssl.load_extra_state(ckpt.load_tensors(path / f"dssl_rank{self.rank}.safetensors"))
         ckpt.set_rng_state(ckpt.load_tensors(path / f"rng_rank{self.rank}.safetensors"), extra["rng"])
         self.pos = DataPosition(**extra["data"])
         self.step = int(state["step"])
 
     def save_final(self) -> Path:
-        """``final/``: trained weights + config for ``VMADModel.from_pretrained`` (DSSL heads left out)."""
+        """``final/``: trained weights + config for ``load_pretrained`` (DSSL heads left out)."""
         import shutil
 
         final = self.out / FINAL_DIR
@@ -342,12 +352,7 @@ class Trainer:
             tmp = self.out / f".{FINAL_DIR}.tmp"
             if tmp.exists():
                 shutil.rmtree(tmp)
-            aux = self.model.aux_modules
-            self.model.aux_modules = nn.ModuleDict()
-            try:
-                self.model.save_trainable(tmp)
-            finally:
-                self.model.aux_modules = aux
+            self.model.save_trainable(tmp)
             ckpt.write_json(tmp / "train_config.json", self._config_dict())
             old = self.out / f".{FINAL_DIR}.old"
             if final.exists():
@@ -392,6 +397,32 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ loop
+    def _optimizer_step(
+        self, stream: Iterator[dict[str, Any]], params: list[nn.Parameter], window: torch.Tensor
+    ) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; adds their loss sums to ``window``;
+        returns the learning rate it used."""
+        acc, t = self.acc, self.cfg.train
+        sums = torch.zeros(8, dtype=torch.float64, device=acc.device)
+        for micro in range(t.grad_accum):
+            batch = self._batch(next(stream))
+            sync = micro == t.grad_accum - 1
+            ctx = acc.no_sync(self.wrapped) if not sync and not self.deepspeed else contextlib.nullcontext()
+            with ctx, acc.autocast():
+                terms = self.wrapped(batch)
+            acc.backward(terms.loss / t.grad_accum)
+            sums += _loss_sums(terms, sums.device)
+        lr = float(self.scheduler.get_last_lr()[0])
+        if t.max_grad_norm and not self.deepspeed:
+            acc.clip_grad_norm_(params, t.max_grad_norm)
+        self.opt.step()
+        self.scheduler.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        window += acc.reduce(sums, reduction="sum").cpu()
+        return lr
+
+    # ------------------------------------------------------------------ loop
     def fit(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
         from tqdm import tqdm
 
@@ -403,7 +434,7 @@ class Trainer:
             print(f"no complete checkpoint in {self.out}; starting from step 0", file=sys.stderr)
         if resumed is None:
             self._check_fresh(overwrite or resume)
-            if self.aux is not None and t.dssl_prefill:
+            if self.dssl is not None and t.dssl_prefill:
                 self._prefill()
         self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / LOG_NAME
@@ -411,9 +442,9 @@ class Trainer:
         if acc.is_main_process:
             ckpt.write_text_atomic(self.out / "train_config.json", json.dumps(self._config_dict(), indent=1))
 
-        self.model.train()
+        self.training_module.train()
         stream = self._stream()
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.training_module.parameters() if p.requires_grad]
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -424,25 +455,9 @@ class Trainer:
         last_saved = self.step if resumed is not None else -1
         stopped = False
         while self.step < self.total_steps:
-            sums = torch.zeros(8, dtype=torch.float64, device=acc.device)
-            for micro in range(t.grad_accum):
-                batch = self._batch(next(stream))
-                sync = micro == t.grad_accum - 1
-                ctx = acc.no_sync(self.wrapped) if not sync and not self.deepspeed else _null()
-                with ctx, acc.autocast():
-                    out = self.wrapped(batch)
-                acc.backward(out["loss"] / t.grad_accum)
-                sums += _loss_sums(out, sums.device)
-            lr = float(self.scheduler.get_last_lr()[0])
-            if t.max_grad_norm and not self.deepspeed:
-                acc.clip_grad_norm_(params, t.max_grad_norm)
-            self.opt.step()
-            self.scheduler.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.step += 1
-            window += acc.reduce(sums, reduction="sum").cpu()
+            lr = self._optimizer_step(stream, params, window)
             if self.step % t.log_every == 0 or self.step == self.total_steps:
-                entry = _log_entry(self.step, self.pos.epoch, lr, window, self.aux is not None)
+                entry = _log_entry(self.step, self.pos.epoch, lr, window, self.dssl is not None)
                 window.zero_()
                 if acc.is_main_process:
                     with open(log_path, "a", encoding="utf-8") as fh:
@@ -472,30 +487,38 @@ def _without(section: Any, keys: tuple[str, ...] = ("num_workers",)) -> Any:
     return {k: v for k, v in section.items() if k not in keys} if isinstance(section, dict) else section
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _loss_sums(out: dict[str, Any], device: torch.device) -> torch.Tensor:
+def _loss_sums(terms: LossTerms, device: torch.device) -> torch.Tensor:
     """[loss, txt, pbsd, n, bce, dice, n_seg, n_dice] of one micro-batch (mask terms only when it had masks;
     Dice only when one of them was non-blank, see ``dice_loss``)."""
-    has_seg = "mask_logits" in out
-    has_dice = has_seg and out.get("n_dice_masks", 1) > 0
+    has_seg = terms.bce is not None and terms.dice is not None
+    has_dice = has_seg and terms.dice_masks > 0
     vals = [
-        float(out["loss"].detach()),
-        float(out["loss_txt"].detach()),
-        float(out["loss_pbsd"].detach()) if "loss_pbsd" in out else 0.0,
+        float(terms.loss.detach()),
+        float(terms.txt.detach()),
+        float(terms.pbsd.detach()) if terms.pbsd is not None else 0.0,
         1.0,
-        float(out["loss_bce"].detach()) if has_seg else 0.0,
-        float(out["loss_dice"].detach()) if has_dice else 0.0,
+        float(terms.bce.detach()) if has_seg else 0.0,  # type: ignore[union-attr]
+        float(terms.dice.detach()) if has_dice else 0.0,  # type: ignore[union-attr]
         1.0 if has_seg else 0.0,
         1.0 if has_dice else 0.0,
     ]
     return torch.tensor(vals, dtype=torch.float64, device=device)
+
+
+def _dssl_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """DSSL heads and Meta-Net of a checkpoint: ``dssl.safetensors``, or (checkpoints written before it
+    existed) the ``aux_modules.pbsd.*`` tensors inside ``model/model.safetensors``."""
+    from vmad.model.weights_io import read_trainable
+
+    if (checkpoint / DSSL_WEIGHTS).is_file():
+        return ckpt.load_tensors(checkpoint / DSSL_WEIGHTS)
+    _, legacy = read_trainable(checkpoint / "model")
+    state = {
+        k.removeprefix("aux_modules.pbsd."): v for k, v in legacy.items() if k.startswith("aux_modules.pbsd.")
+    }
+    if not state:
+        raise ConfigError(f"{checkpoint}: no DSSL weights ({DSSL_WEIGHTS}) but the config trains with DSSL")
+    return state
 
 
 def _log_entry(step: int, epoch: int, lr: float, w: torch.Tensor, dssl: bool) -> dict[str, Any]:

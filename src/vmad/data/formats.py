@@ -1,6 +1,9 @@
-"""Readers for the real sets in ``../shared/data``: Magnetic-tile, MPDD metal_plate (re-split), NEU-Seg.
+"""Dataset formats of the real sets in ``../shared/data``: readers (detect + read) for the Magnetic-tile,
+MPDD metal_plate (re-split) and NEU-Seg layouts, with their options.
 
-Each dataset's class name is its root folder's name (e.g. ``magnetic_tile``).
+Each dataset's class name is its root folder's name (e.g. ``magnetic_tile``). The other formats have a
+module each (:mod:`~vmad.data.mvtec`, :mod:`~vmad.data.visa`, :mod:`~vmad.data.riad`,
+:mod:`~vmad.data.folder`); :mod:`vmad.data.dataset` dispatches between all of them.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmad.model.config import BackboneConfig, VisionConfig
+from vmad.model.layers import tokens_to_map
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -89,7 +90,7 @@ class EfficientNetVisionEncoder(FrozenImageModule):
     grid is 24x24 = 576 tokens, the paper's CLIP grid, so LTC with rho = 2 gives the paper's 144 tokens."""
 
     def __init__(self, backbone: nn.Module, cfg: VisionConfig) -> None:
-        from vmad.model.backbones import LITE0_MEAN, LITE0_STD
+        from vmad.model.efficientnet import LITE0_MEAN, LITE0_STD
 
         super().__init__(cfg.image_size, LITE0_MEAN, LITE0_STD)
         self.net = backbone
@@ -190,4 +191,4 @@ class SamBackbone(FrozenImageModule):
 def tokens_to_maps(last: Tensor, levels: list[Tensor], grid: int) -> list[Tensor]:
     """Encoder tokens ``[B, grid², C]`` (levels first, then last) as maps ``[B, C, grid, grid]`` (shared
     backbone)."""
-    return [t.transpose(1, 2).reshape(t.shape[0], t.shape[2], grid, grid) for t in [*levels, last]]
+    return [tokens_to_map(t, grid) for t in [*levels, last]]

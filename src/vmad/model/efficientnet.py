@@ -7,10 +7,10 @@ EfficientNet-Lite release with the module names of the ``efficientnet_pytorch`` 
 BatchNorm with eps 1e-3, TensorFlow "SAME" padding (the weights were trained with it).
 
 Input normalisation: the Lite weights expect ``(x * 255 - 127) / 128`` (``LITE0_MEAN``/``LITE0_STD`` below);
-checked on a real photograph in ``tests/test_backbones.py`` (both it and the common ImageNet
+checked on a real photograph in ``tests/model/test_efficientnet.py`` (both it and the common ImageNet
 mean/std give the right top-1 class there; the TF Lite recipe's 127/128 is used).
 
-Used by MuSc (:mod:`vmad.baselines.musc`) and by the ``small`` preset (DESIGN §3: levels from the
+Used by MuSc (:mod:`vmad.baselines.musc`) and by the ``small`` preset (the design notes: levels from the
 stride-16 blocks, indices 5-10 here, 80 and 112 channels).
 """
 
@@ -220,43 +220,3 @@ def preprocess(
             t = F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=True)
         batch.append(t)
     return (torch.cat(batch) - m) / s
-
-
-def to_common_grid(features: Sequence[Tensor], size: tuple[int, int]) -> list[Tensor]:
-    """Bilinearly resample feature maps (B, C_i, h_i, w_i) to one (h, w) grid (unchanged where equal)."""
-    out = []
-    for f in features:
-        if tuple(f.shape[-2:]) != tuple(size):
-            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-        out.append(f)
-    return out
-
-
-class MultiLevelFeatures(nn.Module):
-    """Chosen block outputs of a frozen EfficientNet-Lite0 at a common stride, plus the pooled global feature.
-
-    ``block_indices`` pick the levels (see :attr:`EfficientNetLite0.blocks`); ``out_stride`` is the grid they
-    are resampled to (default: the finest stride among the chosen blocks).
-    """
-
-    def __init__(
-        self, backbone: EfficientNetLite0, block_indices: Sequence[int], out_stride: int | None = None
-    ) -> None:
-        super().__init__()
-        specs = backbone.blocks
-        bad = [i for i in block_indices if not 0 <= i < len(specs)]
-        if bad or not block_indices:
-            raise VMADError(f"block indices must be in 0..{len(specs) - 1}, got {list(block_indices)}")
-        self.backbone = backbone
-        self.block_indices = list(block_indices)
-        self.out_stride = out_stride or min(specs[i].stride for i in self.block_indices)
-
-    @property
-    def channels(self) -> list[int]:
-        return [self.backbone.blocks[i].out_channels for i in self.block_indices]
-
-    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """x (B, 3, H, W) -> ([(B, C_i, ceil(H/out_stride), ceil(W/out_stride))], (B, 1280))."""
-        feats, pooled = self.backbone.forward_features(x, self.block_indices)
-        size = (math.ceil(x.shape[-2] / self.out_stride), math.ceil(x.shape[-1] / self.out_stride))
-        return to_common_grid(feats, size), pooled

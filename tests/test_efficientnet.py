@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from vmad.errors import VMADError
-from vmad.model import backbones
-from vmad.model.backbones import (
+from vmad.model import efficientnet as backbones
+from vmad.model.efficientnet import (
     EfficientNetLite0,
-    MultiLevelFeatures,
     lite0_block_specs,
     load_efficientnet_lite0,
     preprocess,
@@ -55,17 +54,6 @@ def test_forward_blocks_shapes_match_specs() -> None:
     assert logits.shape == (2, 1000)
     for out, spec in zip(outs, model.blocks, strict=True):
         assert out.shape == (2, spec.out_channels, -(-96 // spec.stride), -(-64 // spec.stride))
-
-
-def test_multilevel_features_common_grid() -> None:
-    ml = MultiLevelFeatures(EfficientNetLite0().eval(), [4, 7, 10], out_stride=8)
-    with torch.no_grad():
-        feats, pooled = ml(torch.randn(1, 3, 64, 64))
-    assert ml.channels == [40, 80, 112]
-    assert [tuple(f.shape) for f in feats] == [(1, 40, 8, 8), (1, 80, 8, 8), (1, 112, 8, 8)]
-    assert pooled.shape == (1, 1280)
-    with pytest.raises(VMADError):
-        MultiLevelFeatures(EfficientNetLite0(), [16])
 
 
 def test_missing_weights_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

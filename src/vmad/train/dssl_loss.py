@@ -1,8 +1,8 @@
-"""DSSL as an auxiliary loss of :class:`VMADModel` (paper Sec. III-C, Eq. 8-17).
+"""DSSL's L_pbsd as a training loss of VMAD (paper Sec. III-C, Eq. 8-17), computed from the model's output.
 
-:class:`DSSLAux` is attached with ``model.attach_aux("pbsd", DSSLAux(...))``; in every forward it receives
-the model's context and returns ``{"loss_pbsd": L_pbsd}`` (unweighted; the model multiplies it by
-``config.loss.pbsd``, which the trainer sets to ``dssl.lambda_pbsd``). Per batch:
+:class:`DSSLLoss` holds :class:`vmad.model.dssl.DSSL` (heads, Meta-Net, memory) and is called by
+:class:`vmad.train.losses.VMADLoss` with the model, the batch and the :class:`~vmad.model.outputs.VMADOutput`;
+it returns the unweighted L_pbsd (the weight is ``model.loss.pbsd``, Eq. 7). Per batch:
 
 - f: the frozen visual backbone's last feature map (``VMADModel.backbone_maps``; the shared encoder maps for
   the small preset), no gradient;
@@ -17,7 +17,7 @@ the model's context and returns ``{"loss_pbsd": L_pbsd}`` (unweighted; the model
 g_alpha / g_beta only ever see detached features (the visual side of Eq. 17 is detached), so they receive
 no gradient: they are frozen here (fixed random projections), which also keeps DDP from waiting for their
 gradients. The memory queues and the box generator are not module state: save them with
-:meth:`extra_state` and restore with :meth:`load_extra_state`.
+:meth:`DSSLLoss.extra_state` and restore with :meth:`DSSLLoss.load_extra_state`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from torch import Tensor, nn
 
 from vmad.errors import ConfigError
 from vmad.model.dssl import DSSL, DSSLConfig, sample_boxes
+from vmad.model.layers import tokens_to_map
+from vmad.model.outputs import EncodedImages, VMADOutput
 
 
 def backbone_channels(model: Any) -> int:
@@ -46,11 +48,11 @@ def token_width(model: Any) -> int:
     return int(model.base_lm().get_input_embeddings().weight.shape[1])
 
 
-class DSSLAux(nn.Module):
-    """The glue between :class:`VMADModel` and :class:`vmad.model.dssl.DSSL`.
+class DSSLLoss(nn.Module):
+    """L_pbsd of a VMAD model's output (Eq. 17).
 
     Args:
-        model: the VMAD model (read for shapes only; the context of each call provides it).
+        model: the VMAD model (read for shapes only; each call gets it again).
         cfg: DSSL hyper-parameters.
         class_sizes: training samples per class (queue length = 1/``capacity_divisor`` of each class).
         seed: seed of the box generator.
@@ -79,8 +81,8 @@ class DSSLAux(nn.Module):
                 )
 
     # ------------------------------------------------------------------ pieces
-    def feature_map(self, model: Any, images: Tensor, last: Tensor, levels: Sequence[Tensor]) -> Tensor:
-        return model.backbone_maps(images, last, levels)[-1].float()
+    def feature_map(self, model: Any, encoded: EncodedImages) -> Tensor:
+        return model.backbone_maps(encoded)[-1].float()
 
     def describe(self, model: Any, texts: Sequence[str], device: torch.device) -> Tensor:
         """t_x: mean LLM input embedding of each normal description ``[B, D]`` (no gradient)."""
@@ -96,39 +98,38 @@ class DSSLAux(nn.Module):
         if self.cfg.patch_tokens == "crop":
             size = (self.frame, self.frame)
             frame = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
-            return self.dssl.patch_tokens(boxes, images=frame, encode=lambda x: model.encode_images(x)[2])
-        side = math.isqrt(vis.shape[1])
-        grid = vis.transpose(1, 2).reshape(vis.shape[0], vis.shape[2], side, side)
-        return self.dssl.patch_tokens(boxes, token_grid=grid.float(), stride=self.frame / side)
+            encode = lambda x: model.encode_images(x).visual_tokens  # noqa: E731
+            return self.dssl.patch_tokens(boxes, images=frame, encode=encode)
+        grid = tokens_to_map(vis)
+        return self.dssl.patch_tokens(boxes, token_grid=grid.float(), stride=self.frame / grid.shape[-1])
 
-    # ------------------------------------------------------------------ hook
-    def forward(self, context: Mapping[str, Any]) -> dict[str, Tensor]:
-        model, batch = context["model"], context["batch"]
-        images, vis = context["images"], context["visual_tokens"]
+    # ------------------------------------------------------------------ loss
+    def forward(self, model: Any, batch: Mapping[str, Any], output: VMADOutput) -> Tensor:
+        """Unweighted L_pbsd of the batch (Eq. 11-17); pushes the batch into the memory."""
         for key in ("class_names", "is_normal", "normal_descriptions"):
             if key not in batch:
                 raise ConfigError(f"DSSL needs batch[{key!r}] (use vmad.train.dataset.collate)")
-        device = vis.device
-        boxes = sample_boxes(images.shape[0], self.frame, self.cfg, self.generator, device)
-        f = self.feature_map(model, images, context["vision_last"], context["vision_levels"])
+        encoded = output.encoded
+        images, vis = encoded.images, encoded.visual_tokens
+        boxes = sample_boxes(images.shape[0], self.frame, self.cfg, self.generator, vis.device)
         out = self.dssl(
-            f,
+            self.feature_map(model, encoded),
             self.frame,
             boxes,
             self.patch_tokens(model, images, vis, boxes),
             vis.float().mean(1),
-            self.describe(model, batch["normal_descriptions"], device),
+            self.describe(model, batch["normal_descriptions"], vis.device),
             list(batch["class_names"]),
             batch["is_normal"],
         )
-        return {"loss_pbsd": out.loss}
+        return out.loss
 
     @torch.no_grad()
     def push_only(self, model: Any, batch: Mapping[str, Any]) -> None:
         """Add a batch's (z, theta) to the memory without a loss (memory prefill, OURS)."""
-        images = batch["images"].to(model.device)
-        last, levels, vis = model.encode_images(images)
-        f = self.feature_map(model, images, last, levels)
+        encoded = model.encode_images(batch["images"])
+        vis = encoded.visual_tokens
+        f = self.feature_map(model, encoded)
         z = self.dssl.g_beta(f.mean(dim=(2, 3)))
         t_x = self.describe(model, batch["normal_descriptions"], vis.device)
         theta = self.dssl.semantic_tokens(vis.float().mean(1), t_x)

@@ -1,0 +1,63 @@
+"""Typed results of :class:`~vmad.model.vmad.VMADModel` (what each pass hands to the next step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class EncodedImages:
+    """F_I then Ψ (Eq. 1-2): the input ``images [B, 3, H, W]``, the encoder's ``last [B, N, C]`` and earlier
+    ``levels``, and the projector's ``visual_tokens [B, M, D]``."""
+
+    images: Tensor
+    last: Tensor
+    levels: list[Tensor]
+    visual_tokens: Tensor
+
+    def rows(self, index: Tensor) -> EncodedImages:
+        """The samples ``index`` of the batch."""
+        levels = [level[index] for level in self.levels]
+        return EncodedImages(self.images[index], self.last[index], levels, self.visual_tokens[index])
+
+
+@dataclass
+class VMADOutput:
+    """A teacher-forced pass over whole dialogues (:meth:`VMADModel.forward`): what the losses of Eq. 6-7 and
+    17 need.
+
+    ``answer_logits [K, V]`` / ``answer_targets [K]``: next-token logits and targets at the K supervised
+    positions (L_txt); ``mask_logits [S, H, W]`` / ``mask_targets``: masks of the S samples ``mask_rows`` that
+    have a segmentation answer (None when there is none); ``hidden_states [B, T, D]``, ``ids [B, T]`` and
+    ``seg_positions [B]`` in the spliced layout; ``encoded``: the image side (DSSL reads it)."""
+
+    answer_logits: Tensor
+    answer_targets: Tensor
+    mask_logits: Tensor | None
+    mask_targets: Tensor | None
+    mask_rows: Tensor
+    hidden_states: Tensor
+    ids: Tensor
+    seg_positions: Tensor
+    encoded: EncodedImages
+
+
+@dataclass
+class SegmentationResult:
+    """``probs``/``logits``: ``[B, H, W]`` at the input image size; ``scores``: ``[B]`` image scores."""
+
+    probs: Tensor
+    logits: Tensor
+    scores: Tensor
+
+
+@dataclass
+class GenerationResult:
+    """Greedy answers; ``probs[i]``/``scores[i]`` are None when answer i has no ``<seg>``."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    probs: list[Tensor | None]
+    scores: list[float | None]

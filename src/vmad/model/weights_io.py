@@ -1,0 +1,146 @@
+"""Reading and writing what VMAD trains: ``model.safetensors`` (the trained parts only) + ``config.json``.
+
+The base weights (vision encoder, LLM, frozen backbone) are never written:
+:func:`vmad.model.build.load_pretrained` rebuilds them from the saved config and loads the trained parts on
+top. Format version 2 names the added token rows ``new_token_rows.*``; version 1 files (``new_token_embed`` /
+``new_token_out``, and training-only ``aux_modules.*`` DSSL heads) are read too.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from vmad.atomic import write_json_atomic
+from vmad.errors import VMADError
+from vmad.tensor_io import save_safetensors
+
+TRAINABLE_FORMAT = "vmad-trainable"
+FORMAT_VERSION = 2
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+PACKAGED_MODELS: dict[str, str] = {"small": "weights/small"}
+# Top-level parts whose whole state (buffers included) is trained and saved.
+TRAINED_PARTS = ("projector.", "seg_head.", "mask_decoder.", "neck.", "new_token_rows.", "mask_prompt.")
+# Version-1 key names -> current ones.
+LEGACY_KEYS = {"new_token_embed": "new_token_rows.embed", "new_token_out": "new_token_rows.out"}
+LEGACY_AUX_PREFIX = "aux_modules."  # version 1 saved DSSL's training heads inside the model file
+
+
+def packaged_weights_dir(name: str = "small") -> Path:
+    """Where the packaged weights of ``name`` live inside the installed package (may not exist)."""
+    return Path(str(importlib.resources.files("vmad").joinpath(PACKAGED_MODELS[name])))
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """``"small"`` -> the packaged weights folder; anything else is a folder written by
+    :func:`save_trainable` (training's ``final/``; a folder literally named ``small`` is ``./small``).
+    A clear VMADError when the files are missing."""
+    if isinstance(model, str) and model in PACKAGED_MODELS:
+        folder = packaged_weights_dir(model)
+        if not ((folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()):
+            raise VMADError(
+                f"the packaged {model!r} weights are not installed ({folder} has no {CONFIG_NAME} + "
+                f"{WEIGHTS_NAME}); pass a trained checkpoint folder instead (--model PATH)"
+            )
+        return folder
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        raise VMADError(f"{folder}: no such model folder (expected 'small' or a checkpoint folder)")
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
+    if missing:
+        raise VMADError(f"{folder}: not a VMAD checkpoint folder (missing {', '.join(missing)})")
+    return folder
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a saved model folder (checked to be a VMAD trainable-weights file)."""
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():
+        raise VMADError(f"{folder}: no {CONFIG_NAME} (not a VMAD checkpoint folder)")
+    meta = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    if not isinstance(meta, dict) or meta.get("format") != TRAINABLE_FORMAT:
+        raise VMADError(f"{folder}: {CONFIG_NAME} is not a {TRAINABLE_FORMAT} file")
+    if int(meta.get("version", 1)) > FORMAT_VERSION:
+        raise VMADError(
+            f"{folder}: written by a newer vmad (format version {meta['version']}, this one reads up to "
+            f"{FORMAT_VERSION})"
+        )
+    return meta
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Only what VMAD trains: LoRA weights, projector, Γ, neck, decoder, new token rows, mask prompt."""
+    trained_llm = {f"llm.{n}" for n, p in model.llm.named_parameters() if p.requires_grad or "lora_" in n}
+    return {k: v for k, v in model.state_dict().items() if k.startswith(TRAINED_PARTS) or k in trained_llm}
+
+
+def save_trainable(model: nn.Module, path: str | Path) -> Path:
+    """Write ``model.safetensors`` (trained parts) and ``config.json`` to folder ``path``."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(folder / WEIGHTS_NAME, trainable_state_dict(model), metadata={"format": "pt"})
+    meta = {
+        "format": TRAINABLE_FORMAT,
+        "version": FORMAT_VERSION,
+        "new_tokens": model.new_tokens,
+        "new_token_ids": model.new_token_rows.token_ids,
+        "config": model.config.to_dict(),
+    }
+    write_json_atomic(folder / CONFIG_NAME, meta, indent=2)
+    return folder
+
+
+def read_trainable(folder: str | Path, device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(model tensors under current names, legacy training-only aux tensors)`` of a saved folder."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(folder) / WEIGHTS_NAME), device=device)
+    aux = {k: v for k, v in state.items() if k.startswith(LEGACY_AUX_PREFIX)}
+    model_state = {LEGACY_KEYS.get(k, k): v for k, v in state.items() if k not in aux}
+    return model_state, aux
+
+
+def load_trainable(model: nn.Module, path: str | Path, keep_fresh: Sequence[str] = ()) -> list[str]:
+    """Load :func:`save_trainable`'s weights onto a freshly built ``model``; every trained key must match,
+    except keys under a ``keep_fresh`` prefix (e.g. ``"mask_prompt."`` when fine-tuning a model without
+    one), which may be absent and keep their initial values. Returns those absent keys."""
+    folder = Path(path)
+    meta = read_meta(folder)
+    if meta.get("new_token_ids") != model.new_token_rows.token_ids:
+        raise VMADError(
+            f"{folder}: added token ids {meta.get('new_token_ids')} differ from this base model's "
+            f"{model.new_token_rows.token_ids}"
+        )
+    state, _ = read_trainable(folder, device=str(model.device))
+    own = trainable_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    fresh = [k for k in missing if keep_fresh and k.startswith(tuple(keep_fresh))]
+    missing = [k for k in missing if k not in fresh]
+    if missing or unexpected:
+        raise VMADError(
+            f"{folder}: checkpoint does not match the model "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape
+    ]
+    if wrong:
+        raise VMADError(f"{folder}: checkpoint shapes differ from the model's ({'; '.join(wrong[:3])})")
+    model.load_state_dict(state, strict=False)
+    return fresh
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold LoRA into the base weights and write the trained token rows into the base embedding/head
+    (outputs unchanged); returns the plain causal LM, ready for ``save_pretrained``."""
+    if hasattr(model.llm, "merge_and_unload"):
+        model.llm = model.llm.merge_and_unload()
+    base = model.base_lm()
+    model.new_token_rows.write_into(base)
+    return base
