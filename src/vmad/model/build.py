@@ -8,8 +8,9 @@
   336 px) and the mask decoder sees a 24x24 embedding upsampled x4 to 96x96 before the final resize;
   SmolLM2-135M-Instruct; SAM-architecture decoder + neck trained from scratch.
 - ``paper``: LLaVA-1.5-7B (CLIP ViT-L/14-336 + its language model) and SAM ViT-H from local Hugging Face
-  folders. ``random_weights`` builds the same shapes on the meta device (no download, no memory): for
-  summaries; pass ``on_meta=False`` to materialise random weights (e.g. for GPU timing).
+  folders; the LTC starts from LLaVA's pretrained projector (``projector.init_from_llava``, OURS).
+  ``random_weights`` builds the same shapes on the meta device (no download, no memory): for summaries; pass
+  ``on_meta=False`` to materialise random weights (e.g. for GPU timing).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from vmad.model.llm import (
     llava_text_config,
     load_smollm2,
 )
-from vmad.model.ltc import LTC
+from vmad.model.ltc import LTC, copy_mlp2x_gelu
 from vmad.model.mask_decoder import FeatureNeck, PromptedMaskDecoder
 from vmad.model.projectors import (
     AvgPoolProjector,
@@ -228,6 +229,39 @@ def build_projector(
     return LTC(cfg, in_dim, list(level_dims), out_dim)
 
 
+def llava_projector(llava: Any) -> nn.Module | None:
+    """LLaVA's pretrained ``multi_modal_projector`` (Linear-GELU-Linear), or None when there is none."""
+    if llava is None:
+        return None
+    found = getattr(llava, "multi_modal_projector", None)
+    if found is None:  # transformers >= 4.52 keeps it on the inner LlavaModel
+        found = getattr(getattr(llava, "model", None), "multi_modal_projector", None)
+    return found if isinstance(found, nn.Module) else None
+
+
+def init_projector_from_llava(projector: Projector, llava: Any) -> bool:
+    """Start Ψ from LLaVA's projector (``projector.init_from_llava``, OURS): the LTC via
+    :meth:`LTC.start_from_mlp` (its final MLP copied, residual branches zeroed), ``mlp`` / ``avgpool`` by
+    copying it into their MLP. Returns whether anything was copied (False without a LLaVA projector and for
+    ``resampler`` / ``ldpv2``)."""
+    source = llava_projector(llava)
+    if source is None:
+        return False
+    act = getattr(getattr(llava, "config", None), "projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise ConfigError(
+            f"LLaVA's projector uses {act!r}, Ψ's MLP uses exact GELU; set projector.init_from_llava=false"
+        )
+    linear_1, linear_2 = source.linear_1, source.linear_2
+    if isinstance(projector, LTC):
+        projector.start_from_mlp(linear_1, linear_2)
+        return True
+    if isinstance(projector, MLPProjector | AvgPoolProjector):
+        copy_mlp2x_gelu(projector.mlp, linear_1, linear_2)
+        return True
+    return False
+
+
 def build_vmad(
     cfg: VMADConfig | str,
     *,
@@ -274,6 +308,8 @@ def build_vmad(
         levels = vision.level_dims[len(vision.level_dims) - cfg.projector.n_levels :]
         hidden = llm.get_input_embeddings().weight.shape[1]
         projector = build_projector(cfg.projector, vision.out_dim, levels, hidden, vision.grid)
+        if cfg.projector.init_from_llava:
+            init_projector_from_llava(projector, llava)
         seg_head = SegHead(hidden, cfg.seg_head.out_dim, cfg.seg_head.hidden)
         backbone, neck, decoder = _backbone_and_decoder(cfg, vision, random_weights)
         model = VMADModel(cfg, vision, projector, llm, tokenizer, seg_head, backbone, neck, decoder)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from vmad.errors import VMADError
 from vmad.model.chat_format import IGNORE_INDEX, stop_token_ids, tokenize_dialogues
+from vmad.model.image_encoders import as_image_batch
 from vmad.model.outputs import EncodedImages, GenerationResult
 from vmad.model.scoring import image_scores
 
@@ -74,7 +75,7 @@ def generate(
     model: VMADModel, images: Tensor, question: str | Sequence[str], max_new_tokens: int = 64
 ) -> GenerationResult:
     """Greedy text answers (KV cache); when an answer contains ``<seg>``, its mask and image score."""
-    images = model.as_batch(images)
+    images = as_image_batch(images)
     n = images.shape[0]
     questions = [question] * n if isinstance(question, str) else list(question)
     enc = tokenize_dialogues(model.tokenizer, model.chat_format, questions, None, padding_side="left")
@@ -168,7 +169,7 @@ def answer_logprobs(
     """Teacher-forced log-likelihood of ``answer`` per image (the text term of Eq. 6 as a sum): log p of the
     answer's tokens and its end token given the image and question, ``[B]``. ``after``: a start of every
     answer (e.g. ``"It is <seg>."``) whose tokens are conditioned on but not counted."""
-    images = model.as_batch(images)
+    images = as_image_batch(images)
     n = images.shape[0]
     questions = [question] * n if isinstance(question, str) else list(question)
     answers = [answer] * n if isinstance(answer, str) else list(answer)

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vmad.errors import VMADError
 from vmad.model.config import BackboneConfig, VisionConfig
-from vmad.model.layers import tokens_to_map
+from vmad.model.layers import param_dtype, tokens_to_map
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -31,12 +32,13 @@ class FrozenImageModule(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def prepare(self, images: Tensor) -> Tensor:
-        x = images.to(self.mean.dtype)
+        """Resize and normalise in float32, then cast to the network's weight dtype."""
+        x = images.float()
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             x = F.interpolate(
                 x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
             )
-        return (x - self.mean) / self.std
+        return ((x - self.mean.float()) / self.std.float()).to(param_dtype(self))
 
     def freeze(self) -> None:
         for p in self.parameters():
@@ -192,3 +194,11 @@ def tokens_to_maps(last: Tensor, levels: list[Tensor], grid: int) -> list[Tensor
     """Encoder tokens ``[B, grid², C]`` (levels first, then last) as maps ``[B, C, grid, grid]`` (shared
     backbone)."""
     return [tokens_to_map(t, grid) for t in [*levels, last]]
+
+
+def as_image_batch(images: Tensor) -> Tensor:
+    """``[3, H, W]`` or ``[B, 3, H, W]`` images in [0, 1] as a batch; anything else is a clear error."""
+    images = images[None] if images.dim() == 3 else images
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise VMADError(f"images must be [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
+    return images

@@ -23,6 +23,15 @@ class LayerNorm2d(nn.Module):
         return y.permute(0, 3, 1, 2)
 
 
+def param_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype of ``module``'s first floating-point parameter (``default`` without one): inputs are cast to
+    it, so a model cast as a whole (e.g. to bf16 by DeepSpeed) runs without dtype errors."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return default
+
+
 def grid_side(num_tokens: int) -> int:
     """Side of a square token grid; raises ValueError when ``num_tokens`` is not a square."""
     side = math.isqrt(num_tokens)

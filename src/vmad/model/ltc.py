@@ -11,6 +11,11 @@ to coarse row ``floor(i * coarse / grid)`` (likewise for columns), so the window
 each holds between 1 and rho x rho cells (padding slots are masked out of the attention). The pooling itself
 uses PyTorch's adaptive windows, which may overlap by one cell there; for divisible grids both are the same
 rho x rho blocks.
+
+Starting from a pretrained MLP (OURS, ``projector.init_from_llava``): :meth:`LTC.start_from_mlp` copies
+LLaVA's Linear-GELU-Linear into the final MLP and zeroes the last layer of every residual branch (self- and
+deformable attention and feed-forward of each Local-Context block, each downsampler ResNet block, the Eq. 21
+fusion), so at that point ``LTC(x) == mlp(avgpool_rho(x))``.
 """
 
 from __future__ import annotations
@@ -50,6 +55,22 @@ def window_index(grid: int, rho: int) -> tuple[Tensor, Tensor]:
     index[coarse, slot] = torch.arange(grid * grid)
     valid[coarse, slot] = True
     return index, valid
+
+
+@torch.no_grad()
+def copy_mlp2x_gelu(mlp: nn.Sequential, linear_1: nn.Linear, linear_2: nn.Linear) -> None:
+    """Copy a pretrained Linear-GELU-Linear into ``mlp`` (:func:`mlp2x_gelu`); a missing bias -> zeros."""
+    for mine, theirs in ((mlp[0], linear_1), (mlp[2], linear_2)):
+        if mine.weight.shape != theirs.weight.shape:
+            raise ConfigError(
+                f"pretrained projector layer {tuple(theirs.weight.shape)} does not fit "
+                f"{tuple(mine.weight.shape)}; set projector.init_from_llava=false"
+            )
+        mine.weight.copy_(theirs.weight)
+        if theirs.bias is not None:
+            mine.bias.copy_(theirs.bias)
+        else:
+            mine.bias.zero_()
 
 
 class ResBlock(nn.Module):
@@ -264,3 +285,37 @@ class LTC(Projector):
 
     def num_output_tokens(self, grid: int) -> int:
         return pooled_side(grid, self.rho) ** 2
+
+    def residual_outputs(self) -> list[nn.Module]:
+        """The last layer of every residual branch: zeroed, the LTC is ``head(avgpool_rho(in_proj(x)))``."""
+        layers: list[nn.Module] = []
+        if self.local_context is not None:
+            for block in self.local_context.blocks:
+                layers += [block.attn.proj, block.deform.output_proj]
+                if block.ffn is not None:
+                    layers.append(block.ffn[-1])
+        for res in [*self.downsampler.pre, *self.downsampler.post]:
+            layers.append(res.body[-1])
+        if self.refinement is not None:
+            layers.append(self.refinement.fuse)  # V_att,all = 0 in Eq. 22
+        return layers
+
+    @torch.no_grad()
+    def start_from_mlp(self, linear_1: nn.Linear, linear_2: nn.Linear) -> None:
+        """Copy a pretrained Linear-GELU-Linear (LLaVA-1.5's projector) into the final MLP and zero the last
+        layer of each residual branch (:meth:`residual_outputs`): the output is then
+        ``mlp(avgpool_rho(x))``, pooled versions of the tokens that MLP was trained to feed its LLM (OURS).
+
+        Needs the LTC working width to be the encoder width (``projector.hidden`` null or equal to it), the
+        GELU to be exact and matching shapes; a missing bias is copied as zeros.
+        """
+        if not isinstance(self.in_proj, nn.Identity):
+            raise ConfigError(
+                "starting the LTC from a pretrained MLP needs projector.hidden null (the encoder width); "
+                "set projector.init_from_llava=false to use another width"
+            )
+        copy_mlp2x_gelu(self.head, linear_1, linear_2)
+        for layer in self.residual_outputs():
+            layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()

@@ -74,7 +74,8 @@ class PromptedMaskDecoder(nn.Module):
             unused.requires_grad_(False)
         self.pos_embed = pos_embed
         self.no_mask_embed = no_mask_embed if no_mask_embed is not None else nn.Embedding(1, cfg.dim)
-        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias)))
+        # shape [1], not a 0-dim scalar: DeepSpeed's parameter broadcast cannot view 0-dim bf16 tensors
+        self.logit_bias = nn.Parameter(torch.tensor([float(cfg.logit_bias)]))
         self.dim = cfg.dim
 
     def dense_positional_encoding(self, h: int, w: int) -> Tensor:

@@ -63,6 +63,12 @@ class ProjectorConfig:
             keys of the coarse-to-fine attention (otherwise the window attention is permutation-blind).
         num_queries: resampler queries; None uses ``ceil(grid / rho) ** 2`` at the build grid (144 at 24).
         resampler_layers: cross-attention layers of the resampler (OURS: 1, as Qwen-VL).
+        init_from_llava: OURS. When the LLM comes from a LLaVA folder with a ``multi_modal_projector``
+            (paper preset), start from it: the LTC's final MLP gets its weights and the LTC's residual
+            branches start at zero (so Ψ(x) = LLaVA's MLP on the rho x rho average-pooled tokens at step 0,
+            :meth:`vmad.model.ltc.LTC.start_from_mlp`); ``mlp`` and ``avgpool`` copy it into their MLP;
+            ``resampler`` and ``ldpv2`` are unaffected. Without such a projector (tiny, small, random
+            weights) it does nothing.
     """
 
     kind: ProjectorKind = "ltc"
@@ -81,6 +87,7 @@ class ProjectorConfig:
     window_pos_embed: bool = True
     num_queries: int | None = None
     resampler_layers: int = 1
+    init_from_llava: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

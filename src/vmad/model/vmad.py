@@ -24,7 +24,8 @@ from vmad.errors import VMADError
 from vmad.model import generation, weights_io
 from vmad.model.chat_format import IGNORE_INDEX, chat_format, tokenize_dialogues
 from vmad.model.config import VMADConfig
-from vmad.model.image_encoders import tokens_to_maps
+from vmad.model.image_encoders import as_image_batch, tokens_to_maps
+from vmad.model.layers import param_dtype
 from vmad.model.llm import add_vmad_tokens
 from vmad.model.ltc import LTC
 from vmad.model.mask_prompt import MaskPrompt, insert_mask_prompt
@@ -127,41 +128,35 @@ class VMADModel(nn.Module):
         return self.new_token_rows.logits(self.base_lm().get_output_embeddings(), hidden)
 
     # ----------------------------------------------------------------- image side
-    @staticmethod
-    def as_batch(images: Tensor) -> Tensor:
-        images = images[None] if images.dim() == 3 else images
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise VMADError(f"images must be [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
-        return images
-
     def encode_images(self, images: Tensor) -> EncodedImages:
         """F_I (frozen, no grad) then Ψ (Eq. 1-2)."""
         images = images.to(self.device)
         with torch.no_grad():
             last, levels = self.vision_encoder(images)
         n = self.config.projector.n_levels
-        used = [level.float() for level in levels[len(levels) - n :]] if n else []
-        tokens = self.projector(last.float(), used)
+        dtype = param_dtype(self.projector)
+        used = [level.to(dtype) for level in levels[len(levels) - n :]] if n else []
+        tokens = self.projector(last.to(dtype), used)
         return EncodedImages(images, last, list(levels), tokens)
 
     def backbone_maps(self, encoded: EncodedImages) -> list[Tensor]:
         """The frozen visual backbone's maps ``[B, C_i, h, w]`` (or the shared encoder's tokens as maps),
         before the neck; also f of DSSL (Eq. 8-9)."""
         if self.visual_backbone is None:
-            levels = [level.float() for level in encoded.levels]
-            return tokens_to_maps(encoded.last.float(), levels, self.vision_encoder.grid)
+            return tokens_to_maps(encoded.last, list(encoded.levels), self.vision_encoder.grid)
         with torch.no_grad():
             return self.visual_backbone(encoded.images)
 
     def image_embeddings(self, encoded: EncodedImages) -> Tensor:
         """f of Eq. 4 through the trained neck: ``[B, 256, h, w]``."""
         maps = self.backbone_maps(encoded)
-        return maps[-1].float() if self.neck is None else self.neck([m.float() for m in maps])
+        return maps[-1] if self.neck is None else self.neck([m.to(param_dtype(self.neck)) for m in maps])
 
     def mask_logits(self, encoded: EncodedImages, h_seg: Tensor, size: tuple[int, int]) -> Tensor:
         """Eq. 4-5: H_seg = Γ(H̄_seg); M̄ = M_decoder(H_seg, f), upsampled to ``size``: ``[K, H, W]`` logits."""
-        prompts = self.seg_head(h_seg.float())[:, None]
-        low = self.mask_decoder(self.image_embeddings(encoded), prompts)
+        prompts = self.seg_head(h_seg.to(param_dtype(self.seg_head)))[:, None]
+        dtype = param_dtype(self.mask_decoder)
+        low = self.mask_decoder(self.image_embeddings(encoded).to(dtype), prompts.to(dtype))
         return F.interpolate(low.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
     def mask_probs(self, encoded: EncodedImages, h_seg: Tensor) -> Tensor:
@@ -205,7 +200,7 @@ class VMADModel(nn.Module):
             inputs_embeds=embeds, attention_mask=attention, position_ids=positions, **kwargs
         ).last_hidden_state
 
-    def seg_positions(self, ids: Tensor) -> Tensor:
+    def seg_positions(self, ids: Tensor) -> Tensor:  # H̄_seg per sample, -1 without <seg>
         return seg_positions(ids, self.seg_token_id, self.config.llm.seg_state == "before_seg")
 
     def teacher_forced(
@@ -259,7 +254,7 @@ class VMADModel(nn.Module):
     def segment(self, images: Tensor, question: str | Sequence[str]) -> SegmentationResult:
         """Fast path: ONE forward with the segmentation-only answer (``llm.seg_answer``, "It is <seg>."),
         then the mask at the input size and the image score. Call ``eval()`` first."""
-        images = self.as_batch(images)
+        images = as_image_batch(images)
         n = images.shape[0]
         questions = [question] * n if isinstance(question, str) else list(question)
         enc = tokenize_dialogues(

@@ -29,6 +29,7 @@ PACKAGED_MODELS: dict[str, str] = {"small": "weights/small"}
 TRAINED_PARTS = ("projector.", "seg_head.", "mask_decoder.", "neck.", "new_token_rows.", "mask_prompt.")
 # Version-1 key names -> current ones.
 LEGACY_KEYS = {"new_token_embed": "new_token_rows.embed", "new_token_out": "new_token_rows.out"}
+LEGACY_SCALARS = ("mask_decoder.logit_bias",)  # [1] since version 2
 LEGACY_AUX_PREFIX = "aux_modules."  # version 1 saved DSSL's training heads inside the model file
 
 
@@ -103,6 +104,9 @@ def read_trainable(folder: str | Path, device: str = "cpu") -> tuple[dict[str, T
     state = load_file(str(Path(folder) / WEIGHTS_NAME), device=device)
     aux = {k: v for k, v in state.items() if k.startswith(LEGACY_AUX_PREFIX)}
     model_state = {LEGACY_KEYS.get(k, k): v for k, v in state.items() if k not in aux}
+    for key in LEGACY_SCALARS:  # version 1 stored these as 0-dim tensors
+        if key in model_state and model_state[key].dim() == 0:
+            model_state[key] = model_state[key].reshape(1)
     return model_state, aux
 
 

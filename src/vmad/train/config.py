@@ -214,8 +214,11 @@ def resolve_model_section(section: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def upgrade_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A training config as written before λ_pbsd had one place: ``dssl.lambda_pbsd`` moves to
-    ``model.loss.pbsd`` (whatever ``train.dssl`` says) and an empty ``model.loss.extra`` is dropped."""
+    """A training config as written by earlier versions, in today's shape: ``dssl.lambda_pbsd`` (before λ_pbsd
+    had one place) moves to ``model.loss.pbsd`` (whatever ``train.dssl`` says), an empty ``model.loss.extra``
+    is dropped, and a saved ``dssl`` section without ``teacher`` (before that field existed) gets the teacher
+    it was trained with, ``separate`` (:meth:`DSSLConfig.upgrade_legacy`; a hand-written partial section and a
+    run saved with ``train.dssl: false``, which built no teacher, keep the default)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"a training config must be a mapping, got {type(data).__name__}")
     data = copy.deepcopy(dict(data))
@@ -225,6 +228,9 @@ def upgrade_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
         model = data.get("model") if isinstance(data.get("model"), Mapping) else {}
         loss = model.get("loss") if isinstance(model.get("loss"), Mapping) else {}
         data["model"] = {**model, "loss": {**loss, "pbsd": dssl["lambda_pbsd"]}}
+    train = data.get("train") if isinstance(data.get("train"), Mapping) else {}
+    if isinstance(data.get("dssl"), Mapping) and train.get("dssl", True) is not False:
+        data["dssl"] = DSSLConfig.upgrade_legacy(data["dssl"])
     if isinstance(data.get("model"), Mapping):
         data["model"] = upgrade_legacy_model(data["model"])
     return data

@@ -15,8 +15,11 @@ it returns the unweighted L_pbsd (the weight is ``model.loss.pbsd``, Eq. 7). Per
 - t_x: the mean of the LLM's (frozen) input embeddings of the class's normal description (OURS).
 
 g_alpha / g_beta only ever see detached features (the visual side of Eq. 17 is detached), so they receive
-no gradient: they are frozen here (fixed random projections), which also keeps DDP from waiting for their
-gradients. The memory queues and the box generator are not module state: save them with
+no gradient: the teacher is frozen here, which also keeps DDP from waiting for gradients. What it is follows
+``dssl.teacher`` (OURS; :mod:`vmad.model.dssl`): by default none (``identity``: p(z | v^j) ranks the memory by
+the cosine similarity of the backbone features), or one shared fixed projection, or the earlier two separate
+random heads (``separate``, which do not track visual similarity; ablation / old checkpoints).
+The memory queues and the box generator are not module state: save them with
 :meth:`DSSLLoss.extra_state` and restore with :meth:`DSSLLoss.load_extra_state`.
 """
 
@@ -66,7 +69,7 @@ class DSSLLoss(nn.Module):
             cfg = dataclasses.replace(cfg, crop_input_size=self.frame)
         self.cfg = cfg
         self.dssl = DSSL(cfg, backbone_channels(model), width, width, class_sizes)
-        for head in (self.dssl.g_alpha, self.dssl.g_beta):
+        for head in self.dssl.teacher_modules():
             head.requires_grad_(False)
         self.generator = torch.Generator().manual_seed(int(seed))
         if cfg.patch_tokens == "roi":
@@ -130,7 +133,7 @@ class DSSLLoss(nn.Module):
         encoded = model.encode_images(batch["images"])
         vis = encoded.visual_tokens
         f = self.feature_map(model, encoded)
-        z = self.dssl.g_beta(f.mean(dim=(2, 3)))
+        z = self.dssl.global_embeddings(f)
         t_x = self.describe(model, batch["normal_descriptions"], vis.device)
         theta = self.dssl.semantic_tokens(vis.float().mean(1), t_x)
         self.dssl.memory.push(list(batch["class_names"]), batch["is_normal"], z, theta)

@@ -315,15 +315,7 @@ class Trainer:
                 f"{path}: written by {state['world_size']} processes, resuming with {self.world}; "
                 "an exact resume needs the same number"
             )
-        try:  # configs saved by earlier versions are upgraded (e.g. dssl.lambda_pbsd -> model.loss.pbsd)
-            saved = normalize_saved_config(state["config"])
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: its saved config cannot be read ({exc})") from None
-        now = self._config_dict()
-        diffs = [k for k in RESUME_KEYS if _without(saved.get(k)) != _without(now.get(k))]
-        diffs += [f"train.{k}" for k in RESUME_TRAIN_KEYS if saved["train"].get(k) != now["train"].get(k)]
-        if diffs:
-            raise ConfigError(f"{path}: the config differs from the checkpoint's in {diffs}; cannot resume")
+        _check_resumable(path, state["config"], self._config_dict())
         self.model.load_trainable(path / "model")
         if self.dssl is not None:
             self.dssl.load_state_dict(_dssl_weights(path))
@@ -480,6 +472,24 @@ class Trainer:
                 self.save_checkpoint()
             final = self.save_final()
         return TrainResult(self.step, self.total_steps, self.out, final, log_path, resumed, stopped)
+
+
+def _check_resumable(path: Path, saved_config: dict[str, Any], now: dict[str, Any]) -> None:
+    """A ConfigError unless the running config matches the checkpoint's where results depend on it
+    (configs saved by earlier versions are upgraded first: ``dssl.lambda_pbsd`` -> ``model.loss.pbsd``)."""
+    try:
+        saved = normalize_saved_config(saved_config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: its saved config cannot be read ({exc})") from None
+    diffs = [k for k in RESUME_KEYS if _without(saved.get(k)) != _without(now.get(k))]
+    diffs += [f"train.{k}" for k in RESUME_TRAIN_KEYS if saved["train"].get(k) != now["train"].get(k)]
+    if not diffs:
+        return
+    hint = ""
+    teacher = saved.get("dssl", {}).get("teacher")
+    if teacher is not None and teacher != now.get("dssl", {}).get("teacher"):
+        hint = f" (its DSSL teacher was {teacher!r}: add --set dssl.teacher={teacher})"
+    raise ConfigError(f"{path}: the config differs from the checkpoint's in {diffs}; cannot resume{hint}")
 
 
 def _without(section: Any, keys: tuple[str, ...] = ("num_workers",)) -> Any:

@@ -1,5 +1,5 @@
 """VMAD-small on ``examples/images`` gives the masks, scores and answers recorded before the model was split
-into parts (tests/data/small_examples_golden.json, written by the code of commit 44a31ca)."""
+into parts (tests/fixtures/small_examples_golden.json, written by the code of commit 44a31ca)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ pytestmark = [
     ),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(__file__).resolve().parent / "data" / "small_examples_golden.json"
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = REPO / "tests" / "fixtures" / "small_examples_golden.json"
 
 
 @pytest.mark.parametrize("mode", ["segment", "answer"])
-def test_shipped_small_reproduces_recorded_outputs(mode: str) -> None:
+def test_shipped_small_reproduces_recorded_outputs(mode: str, smol_cache: Path) -> None:
     from vmad.infer import Detector
 
     expected = json.loads(GOLDEN.read_text(encoding="utf-8"))

@@ -1,4 +1,5 @@
-"""Detector API (detect, chat), the eval scorer and the overlay renderer, with the random tiny model."""
+"""Detector API (detect, chat, loading), the eval scorer and the mask description, with the random tiny
+model."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from vmad.cli import main
 from vmad.data.prompts import SEG_QUESTION
 from vmad.errors import ConfigError, VMADError
 from vmad.infer.detector import Detection, Detector, DetectorConfig, build_scorer, resolve_model_path
-from vmad.infer.render import heat_colors, mask_contour, overlay, save_png
 from vmad.model import weights_io
 from vmad.model.build import build_vmad
 from vmad.model.chat_format import ChatMLFormat
 from vmad.model.outputs import GenerationResult
+from vmad_testing import random_rgb
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +32,18 @@ def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
     return tiny_model.save_trainable(tmp_path_factory.mktemp("ckpt") / "final")
 
 
-def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
 # ------------------------------------------------------------------------------------------ detect
 
 
 def test_detect_returns_input_sized_masks_for_mixed_inputs(tiny_model, tmp_path):
     path = tmp_path / "img.png"
-    Image.fromarray(_rgb(21, 37, 3)).save(path)
+    Image.fromarray(random_rgb(21, 37, 3)).save(path)
     inputs = [
-        _rgb(24, 32),                                                   # RGB array
+        random_rgb(24, 32),                                                   # RGB array
         np.random.default_rng(1).integers(0, 256, (40, 30), dtype=np.uint8),  # grayscale array
-        Image.fromarray(_rgb(17, 50, 2)),                               # PIL image
-        torch.rand(3, 24, 32),                                          # tensor in [0, 1]
-        path,                                                           # file
+        Image.fromarray(random_rgb(17, 50, 2)),                               # PIL image
+        torch.rand(3, 24, 32),                                                # tensor in [0, 1]
+        path,                                                                 # file
     ]
     det = Detector(tiny_model, DetectorConfig(batch_size=3))
     out = det.detect(inputs)
@@ -74,7 +71,7 @@ def test_detect_uses_model_score_and_default_question(tiny_model, monkeypatch):
         return real(images, question)
 
     monkeypatch.setattr(tiny_model, "segment", spy)
-    img = _rgb(24, 32)
+    img = random_rgb(24, 32)
     [d] = det.detect(img, class_name="metal_plate")
     assert seen[-1] == SEG_QUESTION.format(object="metal plate")
     det.detect(img)
@@ -87,7 +84,7 @@ def test_detect_uses_model_score_and_default_question(tiny_model, monkeypatch):
 
 @pytest.mark.parametrize("threshold, expect", [(0.0, True), (1.0, False)])
 def test_threshold_is_configurable(tiny_model, threshold, expect):
-    [d] = Detector(tiny_model, DetectorConfig(threshold=threshold)).detect(_rgb(16, 16))
+    [d] = Detector(tiny_model, DetectorConfig(threshold=threshold)).detect(random_rgb(16, 16))
     assert bool(d.mask.all()) is expect and bool(d.mask.any()) is expect
 
 
@@ -111,7 +108,7 @@ def test_answer_mode_mask_from_answer_or_segment_fallback(tiny_model, monkeypatc
         return GenerationResult(texts, [[1], [2]], [p0, None], [0.9, None])
 
     monkeypatch.setattr(tiny_model, "generate", fake_generate)
-    imgs = [_rgb(24, 32, 0), _rgb(24, 32, 1)]
+    imgs = [random_rgb(24, 32, 0), random_rgb(24, 32, 1)]
     a, b = det.detect(imgs, answer=True, class_name="bottle")
     assert a.mask_from == "answer" and a.anomaly_score == pytest.approx(0.9) and a.mask.all()
     assert a.answer == "It is <seg>. A scratch."
@@ -123,7 +120,7 @@ def test_answer_mode_mask_from_answer_or_segment_fallback(tiny_model, monkeypatc
 
 def test_answer_mode_real_generation(tiny_model):
     det = Detector(tiny_model, DetectorConfig(max_new_tokens=4))
-    out = det.detect([_rgb(24, 32), _rgb(30, 20)], answer=True)
+    out = det.detect([random_rgb(24, 32), random_rgb(30, 20)], answer=True)
     assert [d.size for d in out] == [(24, 32), (30, 20)]
     assert all(isinstance(d.answer, str) for d in out)
 
@@ -141,7 +138,7 @@ def test_chat_folds_history_into_the_prompt(tiny_model, monkeypatch):
         return real(images, question, max_new_tokens)
 
     monkeypatch.setattr(tiny_model, "generate", spy)
-    img = _rgb(24, 32)
+    img = random_rgb(24, 32)
     t1 = det.chat(img, None, "Is there a defect?")
     t2 = det.chat(img, t1.history, "Where is it?")
     assert asked[0] == "Is there a defect?"
@@ -170,7 +167,7 @@ def test_chat_history_in_chatml_markup(tiny_model, monkeypatch):
 
 def test_from_pretrained_loads_the_trained_parts(tiny_model, tiny_ckpt):
     det = Detector.from_pretrained(tiny_ckpt, device="cpu")
-    img = _rgb(24, 32)
+    img = random_rgb(24, 32)
     [a] = det.detect(img)
     [b] = Detector(tiny_model).detect(img)
     np.testing.assert_allclose(a.probability_map, b.probability_map, atol=1e-6)
@@ -211,7 +208,7 @@ def test_scorer_matches_detector(tiny_model, tiny_ckpt):
     scorer = build_scorer(str(tiny_ckpt), batch_size="2")
     assert scorer.detector is None and scorer.config.batch_size == 2
     scorer.prepare()
-    imgs = [_rgb(24, 32, i) for i in range(3)]
+    imgs = [random_rgb(24, 32, i) for i in range(3)]
     out = scorer.score(imgs, "widget")
     dets = Detector(tiny_model).detect(imgs, class_name="widget")
     np.testing.assert_allclose(out.image_scores, [d.anomaly_score for d in dets], atol=1e-6)
@@ -219,54 +216,6 @@ def test_scorer_matches_detector(tiny_model, tiny_ckpt):
 
 
 # ------------------------------------------------------------------------------------------ render
-
-
-def test_heat_colors_endpoints():
-    c = heat_colors(np.array([0.0, 0.5, 1.0, np.nan, 2.0]))
-    assert c.tolist() == [[0, 0, 128], [128, 255, 128], [128, 0, 0], [0, 0, 128], [128, 0, 0]]
-
-
-def test_overlay_colours_and_contour_on_a_hand_made_map():
-    img = np.full((10, 12, 3), 100, dtype=np.uint8)
-    pmap = np.zeros((10, 12), dtype=np.float32)
-    pmap[:, 6:] = 1.0
-    mask = np.zeros((10, 12), dtype=bool)
-    mask[2:7, 3:9] = True
-    out = overlay(img, pmap, mask, alpha=0.5)
-    assert out.shape == (10, 12, 3) and out.dtype == np.uint8
-    assert out[0, 0].tolist() == [50, 50, 114]        # p = 0 -> blend with dark blue
-    assert out[0, 11].tolist() == [114, 50, 50]       # p = 1 -> blend with dark red
-    ring = np.zeros_like(mask)
-    ring[2:7, 3:9] = True
-    ring[3:6, 4:8] = False
-    white = (out == 255).all(axis=2)
-    assert np.array_equal(white, ring)
-    assert out[4, 5].tolist() == [50, 50, 114]        # mask interior keeps the heat colour
-    # Width 2 and a region on the image edge (closed by the border).
-    edge = np.zeros((8, 8), dtype=bool)
-    edge[:5, :5] = True
-    assert mask_contour(edge, 1).sum() == 25 - 9 and mask_contour(edge, 2).sum() == 25 - 1
-    assert np.array_equal(overlay(img[:, :, 0], pmap, None, alpha=0.0), img)
-
-
-def test_overlay_rejects_mismatched_sizes():
-    with pytest.raises(ValueError):
-        overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5), np.float32))
-
-
-def test_save_png_is_atomic_and_round_trips(tmp_path):
-    mask = np.zeros((5, 7), dtype=bool)
-    mask[1:3, 2:5] = True
-    path = save_png(tmp_path / "sub" / "m.png", mask)
-    arr = np.array(Image.open(path))
-    assert arr.dtype == np.uint8 and set(np.unique(arr)) == {0, 255} and np.array_equal(arr == 255, mask)
-    rgb = _rgb(5, 7)
-    save_png(path, rgb)  # replaces the file
-    assert np.array_equal(np.array(Image.open(path)), rgb)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["m.png"]  # no temporary file left
-    with pytest.raises(ValueError):
-        save_png(tmp_path / "f.png", np.zeros((3, 3), dtype=np.float32))
-    assert not (tmp_path / "f.png").exists()
 
 
 def test_mask_description_is_computed_from_the_mask():

