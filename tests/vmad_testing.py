@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 if TYPE_CHECKING:
@@ -179,3 +181,48 @@ def tiny_paper_config() -> Any:
     cfg.mask_decoder.dim = cfg.seg_head.out_dim = 32
     cfg.mask_decoder.heads = cfg.projector.heads = 4
     return cfg
+
+
+RIAD_ANSWERS = {
+    "description": "A bright square stain lies on the plate.",
+    "impact": "It spoils the surface finish.",
+    "suggestion": "Clean the plate and check the line.",
+}
+
+
+def write_riad(root: Path, classes: tuple[str, ...] = ("plate", "tile"), per_class: int = 6) -> Path:
+    """A small RIAD-format dataset (docs/riad_format.md): half normal, half with a bright square defect."""
+    rng = np.random.default_rng(0)
+    manifest = {"format": "riad", "version": 1, "classes": {}}
+    for name in classes:
+        cdir = root / name
+        (cdir / "images").mkdir(parents=True)
+        manifest["classes"][name] = {"normal_description": f"A clean {name} with an even grey surface."}
+        images, anns = [], []
+        for i in range(per_class):
+            arr = (rng.random((48, 56, 3)) * 60 + 90).astype(np.uint8)
+            entry = {"id": i + 1, "file_name": f"images/{i:03d}.png", "width": 56, "height": 48}
+            if i % 2:
+                x, y = int(rng.integers(4, 36)), int(rng.integers(4, 28))
+                arr[y : y + 14, x : x + 14] = 250
+                poly = [x, y, x + 14, y, x + 14, y + 14, x, y + 14]
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": i + 1,
+                        "category_id": 1,
+                        "iscrowd": 0,
+                        "segmentation": [poly],
+                        "bbox": [x, y, 14, 14],
+                        "area": 196,
+                    }
+                )
+                entry.update(label="anomalous", defect_type="stain", answers=RIAD_ANSWERS)
+            else:
+                entry.update(label="normal", answers=None)
+            Image.fromarray(arr).save(cdir / entry["file_name"])
+            images.append(entry)
+        coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "stain"}]}
+        (cdir / "annotations_train.json").write_text(json.dumps(coco))
+    (root / "classes.json").write_text(json.dumps(manifest))
+    return root

@@ -1,5 +1,6 @@
 """`vmad model` subcommands: ``summary`` (components, parameter counts, visual tokens; or, with ``--config``,
-the resolved config of a YAML file) and ``export`` (merge LoRA and the trained token rows into a standalone
+the resolved config of a YAML file), ``check`` (pre-flight checks of a preset: :mod:`vmad.model.check`) and
+``export`` (merge LoRA and the trained token rows into a standalone
 Hugging Face causal LM)."""
 
 from __future__ import annotations
@@ -41,6 +42,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     summary.add_argument("--sam-path", help="paper preset: local SAM ViT-H folder (Hugging Face format)")
     summary.add_argument("--json", action="store_true", help="print JSON (--config: instead of YAML)")
     summary.set_defaults(func=_summary)
+    check = actions.add_parser(
+        "check",
+        help="pre-flight check of a preset before a long training job",
+        description="Build a preset from its local folders and check architecture, vocabulary, the <image> / "
+        "<seg> ids and where the projector started from; then put one image through segment and a short "
+        "generate, printing time and peak memory. Exit 0 when every check passes, 1 otherwise.",
+    )
+    check.add_argument(
+        "--preset", default="paper", help="a preset of vmad.model.build.PRESETS (default: paper)"
+    )
+    check.add_argument("--llava-path", help="paper preset: local LLaVA-1.5-7B folder (Hugging Face format)")
+    check.add_argument("--sam-path", help="paper preset: local SAM ViT-H folder (Hugging Face format)")
+    check.add_argument("--image", help="an image to run (default: a seeded random 3:2 image)")
+    check.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    check.add_argument("--tokens", type=int, default=16, help="tokens to generate (default 16)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(func=_check)
     export = actions.add_parser(
         "export",
         help="merge LoRA into the LLM of a trained checkpoint",
@@ -111,6 +129,34 @@ def _print_config(args: argparse.Namespace) -> int:
 
     print(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True, width=110), end="")
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    import torch
+
+    from vmad.model.build import build_vmad
+    from vmad.model.check import check_model, report_dict
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    image = None
+    if args.image:
+        from vmad.data.io import read_image
+
+        image = torch.from_numpy(read_image(args.image)).permute(2, 0, 1).float() / 255.0
+    start = time.perf_counter()
+    model = build_vmad(args.preset, device=device, **_paths(args))
+    build_seconds = time.perf_counter() - start
+    report = check_model(model, image=image, tokens=args.tokens)
+    report.timings["build_s"] = build_seconds
+    if args.json:
+        print(json.dumps(report_dict(report), indent=2))
+        return 0 if report.ok else 1
+    for item in report.checks:
+        print(f"{'ok ' if item.ok else 'FAIL'} {item.name:<22} {item.detail}")
+    times = "  ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in report.timings.items())
+    memory = "  ".join(f"{k} {v:.0f} MiB" for k, v in report.peak_memory_mb.items())
+    print(f"time: {times}\npeak memory: {memory}")
+    return 0 if report.ok else 1
 
 
 def _export(args: argparse.Namespace) -> int:

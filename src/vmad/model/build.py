@@ -308,11 +308,11 @@ def build_vmad(
         levels = vision.level_dims[len(vision.level_dims) - cfg.projector.n_levels :]
         hidden = llm.get_input_embeddings().weight.shape[1]
         projector = build_projector(cfg.projector, vision.out_dim, levels, hidden, vision.grid)
-        if cfg.projector.init_from_llava:
-            init_projector_from_llava(projector, llava)
+        from_llava = cfg.projector.init_from_llava and init_projector_from_llava(projector, llava)
         seg_head = SegHead(hidden, cfg.seg_head.out_dim, cfg.seg_head.hidden)
         backbone, neck, decoder = _backbone_and_decoder(cfg, vision, random_weights)
         model = VMADModel(cfg, vision, projector, llm, tokenizer, seg_head, backbone, neck, decoder)
+    model.projector_init = "llava_multi_modal_projector" if from_llava else "random"
     if device is not None and not meta:
         model.to(device)
     model.eval()

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from vmad.errors import VMADError
-from vmad.model.chat_format import IGNORE_INDEX, stop_token_ids, tokenize_dialogues
+from vmad.model.chat_format import IGNORE_INDEX, dialogue_ids, stop_token_ids, tokenize_dialogues
 from vmad.model.image_encoders import as_image_batch
 from vmad.model.outputs import EncodedImages, GenerationResult
 from vmad.model.scoring import image_scores
@@ -174,14 +174,16 @@ def answer_logprobs(
     questions = [question] * n if isinstance(question, str) else list(question)
     answers = [answer] * n if isinstance(answer, str) else list(answer)
     tokenizer, fmt = model.tokenizer, model.chat_format
-    skip = 0
-    if after:
-        head = tokenizer(fmt.answer(after, ""), add_special_tokens=False)["input_ids"]
-        for a in answers:
-            ids = tokenizer(fmt.answer(a, ""), add_special_tokens=False)["input_ids"]
-            if list(ids[: len(head)]) != list(head):
+    skip = [0] * n
+    if after:  # the supervised tokens of `after` as they appear inside each whole conversation
+        ends_with_eos = bool(tokenizer.eos_token)
+        for i, (q, a) in enumerate(zip(questions, answers, strict=True)):
+            head = [t for t in dialogue_ids(tokenizer, fmt, q, after)[1] if t != IGNORE_INDEX]
+            head = head[:-1] if ends_with_eos else head
+            labels = [t for t in dialogue_ids(tokenizer, fmt, q, a)[1] if t != IGNORE_INDEX]
+            if labels[: len(head)] != head:
                 raise VMADError(f"answer {a!r} does not start with the tokens of {after!r}")
-        skip = len(head)
+            skip[i] = len(head)
     enc = tokenize_dialogues(tokenizer, fmt, questions, answers)
     device = model.device
     seq, hidden, _ = model.teacher_forced(
@@ -192,5 +194,5 @@ def answer_logprobs(
     keep = target != IGNORE_INDEX
     logp = model.logits(hidden[:, :-1]).float().log_softmax(-1)
     token_logp = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
-    counted = keep & (keep.cumsum(-1) > skip)
+    counted = keep & (keep.cumsum(-1) > torch.tensor(skip, device=keep.device)[:, None])
     return (token_logp * counted).sum(-1)

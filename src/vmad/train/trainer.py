@@ -199,6 +199,7 @@ class Trainer:
             ds["train_micro_batch_size_per_gpu"] = t.batch_size
             ds["gradient_accumulation_steps"] = t.grad_accum
             ds["gradient_clipping"] = t.max_grad_norm or 0.0
+            ds["zero_allow_untested_optimizer"] = True  # our torch AdamW (param groups), not DeepSpeed's
         self.wrapped, self.opt = self.acc.prepare(self.training_module, self.optimizer)
         self.step = 0
         self.pos = DataPosition()
