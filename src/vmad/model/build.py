@@ -191,7 +191,7 @@ def _backbone_and_decoder(
         backbone = None
         channels = [*vision.level_dims, vision.out_dim]
     else:
-        backbone = SamBackbone(sam.vision_encoder, b.image_size)
+        backbone = SamBackbone(sam.vision_encoder, b.image_size, b.resize)
         channels = backbone.out_channels
     neck = FeatureNeck(channels, d.dim) if d.neck else None
     if neck is None and channels[-1] != d.dim:

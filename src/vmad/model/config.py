@@ -22,6 +22,7 @@ Template = Literal["paper", "chatml"]
 SegState = Literal["at_seg", "before_seg"]
 DType = Literal["float32", "bfloat16", "float16"]
 BackboneKind = Literal["tiny", "shared", "sam"]
+ResizeRule = Literal["pad_square", "longest_side", "stretch"]
 DecoderKind = Literal["scratch", "sam"]
 ScoreRule = Literal["max_smoothed", "max", "mean_topk"]
 
@@ -38,6 +39,9 @@ class VisionConfig:
         feature_layer: hidden-state index used as the last layer (LLaVA: -2, CLS dropped).
         pretrained: load real weights (efficientnet_lite0); ignored for tiny.
         width, layers, heads, patch: tiny encoder shape.
+        resize: how an image becomes the square input (:class:`vmad.model.image_encoders.FrozenImageModule`):
+            ``pad_square`` (LLaVA-1.5's: mean-colour padding, bicubic), ``longest_side`` (SAM's) or
+            ``stretch`` (the rule of models saved before this field existed, e.g. the shipped VMAD-small).
     """
 
     kind: VisionKind = "tiny"
@@ -49,6 +53,7 @@ class VisionConfig:
     layers: int = 6
     heads: int = 4
     patch: int = 8
+    resize: ResizeRule = "pad_square"
 
     def validate(self) -> None:
         check_choices(self, "model.vision")
@@ -142,13 +147,16 @@ class BackboneConfig:
     Attributes:
         kind: ``tiny`` (random conv net), ``shared`` (reuse the vision encoder's features: small preset,
             EfficientNet-Lite0 stride-16 blocks), ``sam`` (SAM ViT-H image encoder, paper).
-        image_size: square input side of the backbone (SAM: 1024; OURS: images are resized, not padded).
+        image_size: square input side of the backbone (SAM: 1024).
         width: tiny backbone width.
+        resize: as ``vision.resize``; default SAM's ``longest_side`` (ignored for ``shared``: the masks then
+            live in the vision encoder's frame).
     """
 
     kind: BackboneKind = "tiny"
     image_size: int = 64
     width: int = 32
+    resize: ResizeRule = "longest_side"
 
     def validate(self) -> None:
         check_choices(self, "model.backbone")
@@ -254,11 +262,26 @@ class VMADConfig:
         return from_mapping(cls, upgrade_legacy_model(data), "model").validate()
 
 
+# Every field a saved section had before ``resize`` existed (such a model was trained on stretched images).
+LEGACY_RESIZE_SECTIONS: dict[str, frozenset[str]] = {
+    "vision": frozenset(
+        ("kind", "image_size", "n_levels", "feature_layer", "pretrained", "width", "layers", "heads", "patch")
+    ),
+    "backbone": frozenset(("kind", "image_size", "width")),
+}
+
+
 def upgrade_legacy_model(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A model config saved before ``loss.extra`` was removed, without it (a non-empty one is an error)."""
+    """A model config as saved by earlier versions: without ``loss.extra`` (a non-empty one is an error), and
+    ``resize: stretch`` for vision/backbone sections saved before that field existed."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"model must be a mapping, got {type(data).__name__}")
     data = copy.deepcopy(dict(data))
+    for section, fields_before in LEGACY_RESIZE_SECTIONS.items():  # saved before ``resize`` existed
+        part = data.get(section)
+        if isinstance(part, Mapping) and "resize" not in part and fields_before <= part.keys():
+            if part.get("kind") != "shared":  # a shared backbone has no input rule of its own
+                data[section] = {**part, "resize": "stretch"}
     loss = data.get("loss")
     if isinstance(loss, Mapping) and "extra" in loss:
         if loss["extra"]:

@@ -8,6 +8,7 @@ Backbones return a list of feature maps ``[B, C_i, h, w]`` for the mask decoder'
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,22 +24,77 @@ SAM_STD = (0.229, 0.224, 0.225)
 
 
 class FrozenImageModule(nn.Module):
-    """Resize + normalise helper; the wrapped network is frozen and kept in eval mode."""
+    """Resize + normalise, and the inverse for masks; the wrapped network is frozen and kept in eval mode.
 
-    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    ``resize`` (``vision.resize`` / ``backbone.resize``):
+    - ``pad_square``: LLaVA-1.5's rule: pad to a square with the mean colour (centred), then resize to the
+      input side with PIL's bicubic filter (antialiased), as transformers' LLaVA/CLIP image processor does;
+    - ``longest_side``: SAM's rule: longest side resized to the input side (PIL bilinear, antialiased), then
+      zero padding at the bottom and right after normalisation, as ``SamImageProcessor``;
+    - ``stretch``: bilinear resize to the square, no antialias (models saved before these rules existed).
+    Masks predicted in the input frame are mapped back through the inverse (:meth:`to_image`).
+    """
+
+    def __init__(
+        self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], resize: str = "stretch"
+    ) -> None:
         super().__init__()
         self.image_size = image_size
+        self.resize = resize
+        self.mean_values = tuple(float(m) for m in mean)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def prepare(self, images: Tensor) -> Tensor:
-        """Resize and normalise in float32, then cast to the network's weight dtype."""
-        x = images.float()
-        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            x = F.interpolate(
-                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-            )
-        return ((x - self.mean.float()) / self.std.float()).to(param_dtype(self))
+        """``[B, 3, H, W]`` in [0, 1] -> the normalised square input, in the network's weight dtype."""
+        side = self.image_size
+        if self.resize == "stretch":
+            x = images.float()
+            if tuple(x.shape[-2:]) != (side, side):
+                x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+            x = (x - self.mean.float()) / self.std.float()
+        else:
+            x = torch.stack([self._prepare_one(image) for image in images]).to(images.device)
+        return x.to(param_dtype(self))
+
+    def _prepare_one(self, image: Tensor) -> Tensor:
+        from PIL import Image
+
+        array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+        picture = Image.fromarray(array.cpu().numpy())
+        height, width = array.shape[:2]
+        side = self.image_size
+        if self.resize == "pad_square":
+            square = max(height, width)
+            colour = tuple(int(m * 255) for m in self.mean_values)
+            canvas = Image.new("RGB", (square, square), colour)
+            canvas.paste(picture, ((square - width) // 2, (square - height) // 2))
+            picture = canvas.resize((side, side), Image.Resampling.BICUBIC)
+        else:
+            new_height, new_width = _longest_side(height, width, side)
+            picture = picture.resize((new_width, new_height), Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        x = (x - self.mean[0].float().cpu()) / self.std[0].float().cpu()
+        if self.resize == "longest_side":
+            x = F.pad(x, (0, side - x.shape[2], 0, side - x.shape[1]))
+        return x
+
+    def to_image(self, maps: Tensor, size: tuple[int, int]) -> Tensor:
+        """Maps ``[B, C, h, w]`` over the square input frame -> ``[B, C, H, W]`` over the original image (the
+        inverse of :meth:`prepare`: un-pad, un-resize)."""
+        height, width = size
+        if self.resize == "stretch":
+            return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        if self.resize == "pad_square":
+            square = max(height, width)
+            full = F.interpolate(maps, size=(square, square), mode="bilinear", align_corners=False)
+            top, left = (square - height) // 2, (square - width) // 2
+            return full[..., top : top + height, left : left + width]
+        side = self.image_size
+        full = F.interpolate(maps, size=(side, side), mode="bilinear", align_corners=False)
+        new_height, new_width = _longest_side(height, width, side)
+        valid = full[..., :new_height, :new_width]
+        return F.interpolate(valid, size=size, mode="bilinear", align_corners=False)
 
     def freeze(self) -> None:
         for p in self.parameters():
@@ -53,7 +109,7 @@ class TinyVisionEncoder(FrozenImageModule):
     """Random ViT for tests: patch conv + ``layers`` pre-norm transformer layers; CLIP-like hidden states."""
 
     def __init__(self, cfg: VisionConfig) -> None:
-        super().__init__(cfg.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        super().__init__(cfg.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), cfg.resize)
         self.grid = cfg.image_size // cfg.patch
         self.out_dim = cfg.width
         self.level_dims = [cfg.width] * cfg.n_levels
@@ -78,6 +134,12 @@ class TinyVisionEncoder(FrozenImageModule):
         return _select(hidden, self.feature_layer, self.n_levels)
 
 
+def _longest_side(height: int, width: int, side: int) -> tuple[int, int]:
+    """Size with the longest side at ``side`` (SAM's rounding)."""
+    scale = side / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
 def _select(hidden: list[Tensor], feature_layer: int, n_levels: int) -> tuple[Tensor, list[Tensor]]:
     """The feature layer and the ``n_levels`` hidden states just before it, oldest first."""
     idx = feature_layer % len(hidden)
@@ -94,7 +156,7 @@ class EfficientNetVisionEncoder(FrozenImageModule):
     def __init__(self, backbone: nn.Module, cfg: VisionConfig) -> None:
         from vmad.model.efficientnet import LITE0_MEAN, LITE0_STD
 
-        super().__init__(cfg.image_size, LITE0_MEAN, LITE0_STD)
+        super().__init__(cfg.image_size, LITE0_MEAN, LITE0_STD, cfg.resize)
         self.net = backbone
         stride16 = backbone.block_indices_at_stride(16)
         if len(stride16) < cfg.n_levels + 1:
@@ -120,7 +182,7 @@ class CLIPVisionEncoder(FrozenImageModule):
     without CLS as ``last`` (24x24 = 576 tokens), the ``n_levels`` hidden states before it as levels."""
 
     def __init__(self, clip: nn.Module, cfg: VisionConfig) -> None:
-        super().__init__(clip.config.image_size, CLIP_MEAN, CLIP_STD)
+        super().__init__(clip.config.image_size, CLIP_MEAN, CLIP_STD, cfg.resize)
         self.clip = clip
         self.grid = clip.config.image_size // clip.config.patch_size
         self.out_dim = clip.config.hidden_size
@@ -157,7 +219,7 @@ class TinyConvBackbone(FrozenImageModule):
     paper)."""
 
     def __init__(self, cfg: BackboneConfig) -> None:
-        super().__init__(cfg.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        super().__init__(cfg.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), cfg.resize)
         w = cfg.width
         self.net = nn.Sequential(
             nn.Conv2d(3, w // 2, 3, 2, 1),
@@ -174,13 +236,11 @@ class TinyConvBackbone(FrozenImageModule):
 
 
 class SamBackbone(FrozenImageModule):
-    """SAM's image encoder (ViT-H in the paper preset): 1024x1024 input -> one 256-channel 64x64 embedding.
+    """SAM's image encoder (ViT-H in the paper preset): 1024x1024 input -> one 256-channel 64x64 embedding;
+    images prepared as SAM expects (``longest_side``: longest side 1024, zero padding)."""
 
-    OURS: images are resized to the square input (no aspect-preserving pad); industrial images are mostly
-    square."""
-
-    def __init__(self, encoder: nn.Module, image_size: int = 1024) -> None:
-        super().__init__(image_size, SAM_MEAN, SAM_STD)
+    def __init__(self, encoder: nn.Module, image_size: int = 1024, resize: str = "longest_side") -> None:
+        super().__init__(image_size, SAM_MEAN, SAM_STD, resize)
         self.encoder = encoder
         self.out_channels = [encoder.config.output_channels]
         self.freeze()

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vmad.errors import VMADError
@@ -157,7 +156,8 @@ class VMADModel(nn.Module):
         prompts = self.seg_head(h_seg.to(param_dtype(self.seg_head)))[:, None]
         dtype = param_dtype(self.mask_decoder)
         low = self.mask_decoder(self.image_embeddings(encoded).to(dtype), prompts.to(dtype))
-        return F.interpolate(low.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+        frame = self.visual_backbone if self.visual_backbone is not None else self.vision_encoder
+        return frame.to_image(low.float(), size)[:, 0]  # un-pad and un-resize to the image
 
     def mask_probs(self, encoded: EncodedImages, h_seg: Tensor) -> Tensor:
         """Mask probabilities at the input image size."""
