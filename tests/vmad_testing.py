@@ -226,3 +226,23 @@ def write_riad(root: Path, classes: tuple[str, ...] = ("plate", "tile"), per_cla
         (cdir / "annotations_train.json").write_text(json.dumps(coco))
     (root / "classes.json").write_text(json.dumps(manifest))
     return root
+
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def tiny_overrides(data: Path, out: Path, steps: int, **extra: object) -> list[str]:
+    """``--set`` overrides of a short tiny training run into ``out`` (checkpoints every 2 steps)."""
+    sets = {
+        "data.root": str(data),
+        "output_dir": str(out),
+        "train.max_steps": steps,
+        "train.batch_size": 2,
+        "train.save_every": 2,
+        "train.log_every": 1,
+        "train.keep_checkpoints": None,
+        "train.progress": False,
+        "dssl.num_boxes": 4,
+        **extra,
+    }
+    return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]

@@ -184,7 +184,7 @@ def test_state_dict_round_trips(teacher: str, tmp_path: Path) -> None:
 
 def test_legacy_saved_config_builds_the_two_heads() -> None:
     saved = TrainConfig().to_dict()
-    del saved["dssl"]["teacher"]  # a training config saved before the field existed
+    del saved["dssl"]["teacher"], saved["dssl"]["gather_memory"]  # saved before both fields existed
     assert PRE_TEACHER_FIELDS == saved["dssl"].keys()
     cfg = TrainConfig.from_dict(saved)
     assert cfg.dssl.teacher == "separate"

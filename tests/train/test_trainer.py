@@ -24,29 +24,13 @@ from vmad.train import checkpoint as ckpt
 from vmad.train.config import load_train_config
 from vmad.train.dataset import EpochBatches
 from vmad.train.trainer import Trainer, train
-from vmad_testing import write_riad
+from vmad_testing import tiny_overrides, write_riad
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 @pytest.fixture(scope="module")
 def riad(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_riad(tmp_path_factory.mktemp("riad") / "data")
-
-
-def tiny_overrides(data: Path, out: Path, steps: int, **extra: object) -> list[str]:
-    sets = {
-        "data.root": str(data),
-        "output_dir": str(out),
-        "train.max_steps": steps,
-        "train.batch_size": 2,
-        "train.save_every": 2,
-        "train.log_every": 1,
-        "train.keep_checkpoints": None,
-        "train.progress": False,
-        "dssl.num_boxes": 4,
-        **extra,
-    }
-    return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]
 
 
 def run(data: Path, out: Path, steps: int, resume: bool = False, **extra: object):

@@ -73,6 +73,9 @@ PRE_TEACHER_FIELDS: frozenset[str] = frozenset(
     )
 )
 SHARED_PROJECTION_SEED = 0  # OURS: the seed of the ``shared`` teacher's fixed projection
+# What a memory's ``exchange`` hook maps (class names, is_normal, z, theta) of one push to: the entries every
+# process pushes at this point, in rank order (:func:`vmad.train.dssl_loss.all_gather_entries`).
+Exchange = Callable[[list[str], Tensor, Tensor, Tensor], tuple[list[str], Tensor, Tensor, Tensor]]
 
 
 @dataclass
@@ -111,6 +114,13 @@ class DSSLConfig:
             M_txt for this step, so Meta-Net receives gradient (memory entries are stored detached).
         include_self: OURS. With ``include_current``, whether an image's own entry is among its candidates
             (default False: the paper's premise is that normal patches find parallels in OTHER samples).
+        gather_memory: OURS (the paper is silent). With several training processes, push the entries
+            (class, is_normal, z, theta) of every process's batch into every process's memory, all-gathered
+            in rank order, so all ranks hold the same queues; the loss still takes its gradient from the
+            rank's own batch only (memory entries are detached). None (default) = on when there are several
+            processes; false = each rank's memory holds only the samples it saw itself (the behaviour before
+            this field existed: saved configs without it resolve to false, :meth:`upgrade_legacy`). No effect
+            in one process (:meth:`gathers_memory`).
 
     λ_pbsd, the weight of L_pbsd in the total loss (Eq. 7), is ``model.loss.pbsd``
     (:class:`vmad.model.config.LossConfig`).
@@ -133,6 +143,7 @@ class DSSLConfig:
     normalize_tokens: bool = True
     include_current: bool = True
     include_self: bool = False
+    gather_memory: bool | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -163,6 +174,10 @@ class DSSLConfig:
         """Queue length for a class of ``class_size`` training samples: max(min_capacity, ceil(size / 20))."""
         return max(self.min_capacity, math.ceil(class_size / self.capacity_divisor))
 
+    def gathers_memory(self, processes: int) -> bool:
+        """Whether the memory is all-gathered over ``processes`` training processes (``gather_memory``)."""
+        return resolve_gather_memory(self.gather_memory, processes)
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
@@ -172,14 +187,22 @@ class DSSLConfig:
 
     @staticmethod
     def upgrade_legacy(section: Mapping[str, Any]) -> dict[str, Any]:
-        """A ``dssl`` section as saved before ``teacher`` existed, in today's shape: a saved section lists
-        every field (``to_dict``), so one holding all of :data:`PRE_TEACHER_FIELDS` but no ``teacher`` was
-        trained with the two-head teacher and gets ``teacher: separate``. A hand-written section (a YAML file
-        listing only what it changes) is left alone and gets the current default."""
+        """A ``dssl`` section as saved by an earlier version, in today's shape. A saved section lists every
+        field (``to_dict``), so one holding all of :data:`PRE_TEACHER_FIELDS` was saved by a training run:
+        without ``teacher`` it was trained with the two-head teacher and gets ``teacher: separate``; without
+        ``gather_memory`` (saved before that field existed) each rank's memory held only its own samples,
+        and it gets ``gather_memory: false``. A hand-written section (a YAML file listing only what it
+        changes) is left alone and gets the current defaults."""
         out = dict(section)
-        if "teacher" not in out and PRE_TEACHER_FIELDS <= out.keys():
-            out["teacher"] = "separate"
+        if PRE_TEACHER_FIELDS <= out.keys():
+            out.setdefault("teacher", "separate")
+            out.setdefault("gather_memory", False)
         return out
+
+
+def resolve_gather_memory(value: bool | None, processes: int) -> bool:
+    """``dssl.gather_memory`` as it acts with ``processes`` training processes: None = on when several."""
+    return processes > 1 and (value is None or bool(value))
 
 
 def sample_boxes(
@@ -290,7 +313,9 @@ class DSSLMemory:
 
     M_img / M_txt are a class's entries, P_img / P_txt its normal ones. Entries are stored detached, float32.
     ``capacities`` gives each class's queue length (see :meth:`DSSLConfig.capacity_for`); a class first seen
-    at :meth:`push` gets ``default_capacity`` (OURS).
+    at :meth:`push` gets ``default_capacity`` (OURS). ``exchange`` (OURS, ``DSSLConfig.gather_memory``; None =
+    off): a function that :meth:`push` passes its entries through before queueing them, e.g. an all-gather
+    over the training processes, so that every rank queues every rank's entries in the same order.
     """
 
     VERSION = 1
@@ -307,6 +332,7 @@ class DSSLMemory:
         self.default_capacity = default_capacity
         self.capacities: dict[str, int] = {}
         self.queues: dict[str, _Queue] = {}
+        self.exchange: Exchange | None = None
         for name, cap in (capacities or {}).items():
             if cap < 1:
                 raise ConfigError(f"memory capacity of class {name!r} must be >= 1, got {cap}")
@@ -329,7 +355,8 @@ class DSSLMemory:
     def push(
         self, class_names: Sequence[str], is_normal: Tensor | Sequence[bool], z: Tensor, theta: Tensor
     ) -> None:
-        """Append one entry per sample (batch order) to its class's queue; evicts the oldest when full."""
+        """Append one entry per sample (batch order) to its class's queue; evicts the oldest when full. With
+        ``exchange`` set, the entries it returns (every process's, in rank order) are appended instead."""
         if len(class_names) != z.shape[0] or z.shape[0] != theta.shape[0]:
             raise ValueError(
                 f"push: {len(class_names)} names, z {tuple(z.shape)}, theta {tuple(theta.shape)}"
@@ -337,6 +364,8 @@ class DSSLMemory:
         normal = torch.as_tensor(is_normal, dtype=torch.bool).reshape(-1)
         z = z.detach().float()
         theta = theta.detach().float()
+        if self.exchange is not None:
+            class_names, normal, z, theta = self.exchange(list(class_names), normal, z, theta)
         for name in dict.fromkeys(class_names):  # classes in first-appearance order
             rows = [i for i, c in enumerate(class_names) if c == name]
             q = self._queue(name, z.device)

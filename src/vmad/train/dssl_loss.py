@@ -21,6 +21,13 @@ the cosine similarity of the backbone features), or one shared fixed projection,
 random heads (``separate``, which do not track visual similarity; ablation / old checkpoints).
 The memory queues and the box generator are not module state: save them with
 :meth:`DSSLLoss.extra_state` and restore with :meth:`DSSLLoss.load_extra_state`.
+
+Several processes (OURS, ``dssl.gather_memory``, on by default there): every push to the memory (after each
+batch's loss, and in the prefill) is all-gathered over the processes (:func:`all_gather_entries`), so every
+rank queues the same entries in the same order (rank 0's batch, then rank 1's, ...) and the ranks' memories,
+and their checkpoint files, are identical. Only the memory is shared: each rank's loss is computed from its
+own batch (its gradient reaches its own Ψ / Meta-Net outputs; DDP averages the gradients), against the
+shared, detached memory. Off, each rank's memory holds only its own samples.
 """
 
 from __future__ import annotations
@@ -51,6 +58,32 @@ def token_width(model: Any) -> int:
     return int(model.base_lm().get_input_embeddings().weight.shape[1])
 
 
+def all_gather_entries(
+    class_names: list[str], is_normal: Tensor, z: Tensor, theta: Tensor
+) -> tuple[list[str], Tensor, Tensor, Tensor]:
+    """The memory entries every process of the default ``torch.distributed`` group pushes at this point,
+    concatenated in rank order (a :class:`~vmad.model.dssl.DSSLMemory` ``exchange``; a collective: every rank
+    must call it at the same point). ``z [n, Dz]`` and ``theta [n, Dt]`` float32, ``is_normal [n]``; ranks may
+    push different ``n``. The tensors travel bit-exactly (one float32 all-gather on their device, the bools
+    as 0 / 1), the class names as Python objects."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    names: list[list[str] | None] = [None] * world
+    dist.all_gather_object(names, list(class_names))
+    counts = [len(n or ()) for n in names]
+    dz = z.shape[1]
+    flags = is_normal.to(z.device, torch.float32)[:, None]
+    rows = torch.cat((z.float(), theta.float().to(z.device), flags), dim=1)
+    padded = rows.new_zeros(max(counts), rows.shape[1])
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    rows = torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+    every = [c for n in names for c in (n or ())]
+    return every, rows[:, -1] > 0.5, rows[:, :dz], rows[:, dz:-1]
+
+
 class DSSLLoss(nn.Module):
     """L_pbsd of a VMAD model's output (Eq. 17).
 
@@ -59,9 +92,18 @@ class DSSLLoss(nn.Module):
         cfg: DSSL hyper-parameters.
         class_sizes: training samples per class (queue length = 1/``capacity_divisor`` of each class).
         seed: seed of the box generator.
+        processes: training processes (``torch.distributed`` initialised when > 1); with several and
+            ``cfg.gathers_memory(processes)``, the memory is all-gathered (:func:`all_gather_entries`).
     """
 
-    def __init__(self, model: Any, cfg: DSSLConfig, class_sizes: Mapping[str, int], seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: Any,
+        cfg: DSSLConfig,
+        class_sizes: Mapping[str, int],
+        seed: int = 0,
+        processes: int = 1,
+    ) -> None:
         super().__init__()
         width = token_width(model)
         self.frame = int(model.config.vision.image_size)
@@ -69,6 +111,8 @@ class DSSLLoss(nn.Module):
             cfg = dataclasses.replace(cfg, crop_input_size=self.frame)
         self.cfg = cfg
         self.dssl = DSSL(cfg, backbone_channels(model), width, width, class_sizes)
+        if cfg.gathers_memory(processes):
+            self.dssl.memory.exchange = all_gather_entries
         for head in self.dssl.teacher_modules():
             head.requires_grad_(False)
         self.generator = torch.Generator().manual_seed(int(seed))

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from vmad.errors import ConfigError
+from vmad.model.dssl import resolve_gather_memory
 from vmad.tensor_io import save_safetensors
 from vmad.train import checkpoint as ckpt
 from vmad.train.config import TrainConfig, normalize_saved_config
@@ -186,7 +187,11 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(t.seed)
                 self.dssl = DSSLLoss(
-                    self.model, cfg.dssl, self.dataset.class_sizes(), seed=t.seed * 7919 + self.rank
+                    self.model,
+                    cfg.dssl,
+                    self.dataset.class_sizes(),
+                    seed=t.seed * 7919 + self.rank,
+                    processes=self.world,
                 )
         self.training_module = TrainingModule(self.model, VMADLoss(self.model.config.loss, self.dssl))
         self.training_module.to(self.acc.device)
@@ -316,7 +321,7 @@ class Trainer:
                 f"{path}: written by {state['world_size']} processes, resuming with {self.world}; "
                 "an exact resume needs the same number"
             )
-        _check_resumable(path, state["config"], self._config_dict())
+        _check_resumable(path, state["config"], self._config_dict(), self.world)
         self.model.load_trainable(path / "model")
         if self.dssl is not None:
             self.dssl.load_state_dict(_dssl_weights(path))
@@ -326,6 +331,7 @@ class Trainer:
             meta = ckpt.read_json(path / "optimizer.json")
             tensors = ckpt.load_tensors(path / "optimizer.safetensors")
             self.optimizer.load_state_dict(ckpt.optimizer_state_from(tensors, meta))
+            _match_state_shapes(self.optimizer)
         sched = ckpt.read_json(path / "scheduler.json")
         sched["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
         self.scheduler.load_state_dict(sched)
@@ -475,22 +481,57 @@ class Trainer:
         return TrainResult(self.step, self.total_steps, self.out, final, log_path, resumed, stopped)
 
 
-def _check_resumable(path: Path, saved_config: dict[str, Any], now: dict[str, Any]) -> None:
+def _check_resumable(
+    path: Path, saved_config: dict[str, Any], now: dict[str, Any], processes: int = 1
+) -> None:
     """A ConfigError unless the running config matches the checkpoint's where results depend on it
-    (configs saved by earlier versions are upgraded first: ``dssl.lambda_pbsd`` -> ``model.loss.pbsd``)."""
+    (configs saved by earlier versions are upgraded first: ``dssl.lambda_pbsd`` -> ``model.loss.pbsd``;
+    ``dssl.gather_memory`` is compared as it acts with ``processes`` processes, so null and false agree in
+    one process)."""
     try:
-        saved = normalize_saved_config(saved_config)
+        saved = _gather_resolved(normalize_saved_config(saved_config), processes)
     except ConfigError as exc:
         raise ConfigError(f"{path}: its saved config cannot be read ({exc})") from None
+    now = _gather_resolved(now, processes)
     diffs = [k for k in RESUME_KEYS if _without(saved.get(k)) != _without(now.get(k))]
     diffs += [f"train.{k}" for k in RESUME_TRAIN_KEYS if saved["train"].get(k) != now["train"].get(k)]
     if not diffs:
         return
-    hint = ""
-    teacher = saved.get("dssl", {}).get("teacher")
-    if teacher is not None and teacher != now.get("dssl", {}).get("teacher"):
-        hint = f" (its DSSL teacher was {teacher!r}: add --set dssl.teacher={teacher})"
+    hints = []  # fields whose value for configs saved before they existed is not today's default
+    for key in ("dssl.teacher", "dssl.gather_memory", "model.vision.resize", "model.backbone.resize"):
+        value, current = _lookup(saved, key), _lookup(now, key)
+        if value is not None and value != current:
+            shown = json.dumps(value) if isinstance(value, bool) else value
+            hints.append(f"its {key} was {shown}: add --set {key}={shown}")
+    hint = f" ({'; '.join(hints)})" if hints else ""
     raise ConfigError(f"{path}: the config differs from the checkpoint's in {diffs}; cannot resume{hint}")
+
+
+def _match_state_shapes(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer moments saved for a 0-dim parameter that is now ``[1]`` (``mask_decoder.logit_bias`` before
+    format version 2) take the parameter's shape."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.dim() == 0 and param.dim() == 1 and param.numel() == 1:
+                    if key != "step":
+                        optimizer.state[param][key] = value.reshape(1)
+
+
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of a config dict, None when absent."""
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _gather_resolved(config: dict[str, Any], processes: int) -> dict[str, Any]:
+    """``config`` with ``dssl.gather_memory`` as it acts with ``processes`` processes (null -> a bool)."""
+    dssl = config.get("dssl")
+    if not isinstance(dssl, dict) or "gather_memory" not in dssl:
+        return config
+    gathered = resolve_gather_memory(dssl["gather_memory"], processes)
+    return {**config, "dssl": {**dssl, "gather_memory": gathered}}
 
 
 def _without(section: Any, keys: tuple[str, ...] = ("num_workers",)) -> Any:
