@@ -18,7 +18,7 @@ HAS_SMALL = all(
 )
 
 
-def _forward_backward_bf16(model: torch.nn.Module, size: int, finite: bool = True) -> None:
+def _forward_backward_bf16(model: torch.nn.Module, size: int, finite: bool = True, samples: int = 2) -> None:
     """Segment, then a training forward and backward, with every module in bf16. ``finite``: also require
     finite outputs (off for the small preset: PyTorch's CPU bf16 ConvTranspose2d in its mask decoder
     intermittently returned NaN from finite inputs in our runs; GPU bf16 is what training uses)."""
@@ -32,7 +32,8 @@ def _forward_backward_bf16(model: torch.nn.Module, size: int, finite: bool = Tru
     assert result.probs.shape == (1, size, size) and result.probs.dtype == torch.float32
     assert torch.isfinite(result.scores).all() or not finite
     model.train()
-    batch = model.prepare_batch(images, [SEG_Q, TEXT_Q], ["It is <seg>.", "No, it is normal."], masks)
+    questions, answers = [SEG_Q, TEXT_Q][:samples], ["It is <seg>.", "No, it is normal."][:samples]
+    batch = model.prepare_batch(images[:samples], questions, answers, masks[:samples])
     output = model(batch)
     assert output.mask_logits is not None and output.answer_logits.dtype == torch.bfloat16
     assert output.encoded.visual_tokens.dtype == torch.bfloat16
@@ -53,4 +54,4 @@ def test_tiny_preset_in_bf16_forward_backward_and_segment() -> None:
 def test_small_preset_in_bf16_forward_backward_and_segment(smol_cache: object) -> None:
     config = preset_config("small").to_dict()
     config["llm"]["mask_prompt_tokens"] = 2
-    _forward_backward_bf16(build_vmad(VMADConfig.from_dict(config)), 96, finite=False)
+    _forward_backward_bf16(build_vmad(VMADConfig.from_dict(config)), 96, finite=False, samples=1)
