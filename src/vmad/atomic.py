@@ -6,13 +6,21 @@ file is removed and the destination is left untouched. With ``fsync`` (the defau
 flushed to disk before the rename and the folder entry after it, so a crash never leaves a truncated file
 under the final name.
 
-Folders (:func:`atomic_dir`) are built in ``<out>.tmp-XXXX`` beside ``<out>`` and renamed into place.
+Folders (:func:`atomic_dir`) are built in ``<out>.tmp-XXXXXXXX`` beside ``<out>`` and renamed into place;
+an existing ``<out>`` is first moved to ``<out>.tmp-XXXXXXXX.old`` and deleted after the new one is in place.
+A run killed part-way (even by SIGKILL) is repaired at the next start by :func:`recover_dir`: when ``<out>``
+is missing and an ``<out>.tmp-*.old`` folder exists, the old folder is RESTORED as ``<out>`` (the killed run
+is undone, never half-completed); then every other folder matching the builder's own naming pattern
+(``<out>.tmp-`` + 8 mkdtemp characters, optionally ``.old``) is deleted. Two builds into the same ``<out>``
+at the same time are not supported (the second would delete the first one's temporary folder).
+:func:`inside_dir` keeps every path written below the output folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -20,6 +28,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from vmad.errors import DataError
 
 
 def current_umask() -> int:
@@ -106,13 +116,68 @@ def write_json_atomic(
 # ------------------------------------------------------------------------------------------ folders
 
 
+_MKDTEMP_CHARS = "[a-z0-9_]{8}"
+
+
+def _temp_dir_pattern(out: Path) -> re.Pattern[str]:
+    """Names of :func:`atomic_dir`'s temporary folders of ``out``: ``<name>.tmp-XXXXXXXX[.old]``."""
+    return re.compile(rf"{re.escape(out.name)}\.tmp-{_MKDTEMP_CHARS}(\.old)?")
+
+
+def recover_dir(out: str | Path) -> list[Path]:
+    """Repair what a killed :func:`atomic_dir` left beside ``out``; return the folders deleted.
+
+    If ``out`` is missing and an ``<out>.tmp-XXXXXXXX.old`` folder exists (killed between the two renames
+    of :func:`replace_dir`), that old folder is renamed back to ``out``: the killed run is undone. Then the
+    stale ``<out>.tmp-XXXXXXXX`` / ``.old`` folders (only names of exactly that pattern) are deleted."""
+    out = Path(out)
+    parent = out.parent
+    if not parent.is_dir():
+        return []
+    pattern = _temp_dir_pattern(out)
+    stale = sorted(
+        p for p in parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    )
+    if not out.exists() and not out.is_symlink():
+        olds = [p for p in stale if p.name.endswith(".old")]
+        if olds:
+            newest = max(olds, key=lambda p: p.stat().st_mtime_ns)
+            os.rename(newest, out)
+            fsync_dir(parent)
+            stale.remove(newest)
+    for p in stale:
+        shutil.rmtree(p)
+    return stale
+
+
+def inside_dir(out: str | Path, relative: str | os.PathLike[str], what: str | Path | None = None) -> Path:
+    """``out / relative`` for a path about to be written; DataError (naming ``what``, default ``out``)
+    unless it stays inside ``out``: absolute paths and ``..`` segments are refused, and the resolved path
+    (symlinks included) must lie inside the resolved ``out``."""
+    out = Path(out)
+    text = os.fspath(relative)
+    rel = Path(text)
+    if not text or "\x00" in text or rel.is_absolute() or rel.drive or rel.root or ".." in rel.parts:
+        raise DataError(what or out, f"output path {text!r} would leave the output folder {out}")
+    target = out / rel
+    try:
+        inside = target.resolve().is_relative_to(out.resolve())
+    except (OSError, RuntimeError) as exc:
+        raise DataError(what or out, f"output path {text!r} cannot be resolved ({exc})") from None
+    if not inside:
+        raise DataError(what or out, f"output path {text!r} would leave the output folder {out}")
+    return target
+
+
 @contextmanager
 def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a fresh ``<out>.tmp-XXXX`` folder beside ``out``; on success it replaces ``out`` (atomic
+    """Yield a fresh ``<out>.tmp-XXXXXXXX`` folder beside ``out``; on success it replaces ``out`` (atomic
     rename, see :func:`replace_dir`), on any failure it is removed and ``out`` is left untouched. The
-    parent of ``out`` is created."""
+    parent of ``out`` is created, and what a killed earlier run left is repaired first
+    (:func:`recover_dir`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(out)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp

@@ -61,8 +61,8 @@ def test_detect_folder_writes_outputs_and_skips_the_corrupt_image(tiny_ckpt, ima
         assert mask.shape == size and set(np.unique(mask)) <= {0, 255}
         assert over.shape == (*size, 3) and over.dtype == np.uint8
         assert row["mask_pixels"] == int((mask == 255).sum()) and (row["height"], row["width"]) == size
-    assert rows["grey.png"]["mask"] == "sub/grey_mask.png"
-    assert rows["rgb.png"]["overlay"] == "rgb_overlay.png"
+    assert rows["grey.png"]["mask"] == "sub/grey.png_mask.png"
+    assert rows["rgb.png"]["overlay"] == "rgb.png_overlay.png"
     assert "wrote 2 mask(s)" in captured.out
 
 
@@ -74,7 +74,7 @@ def test_detect_json_and_no_answer(tiny_ckpt, image_folder, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((out / "summary.json").read_text())
     [row] = printed["images"]
-    assert row["answer"] is None and row["mask_from"] == "segment" and row["mask"] == "rgb_mask.png"
+    assert row["answer"] is None and row["mask_from"] == "segment" and row["mask"] == "rgb.png_mask.png"
     assert row["mask_pixels"] == 24 * 32  # threshold 0: every pixel of a sigmoid map
     assert row["mask_description"] == (
         "The mask marks one region at the center (about 32 x 24 px, 100.0 % of the image).")
@@ -92,7 +92,7 @@ def test_nested_and_extension_clashes_keep_distinct_outputs(tiny_ckpt, tmp_path,
         summary = json.loads((out / "summary.json").read_text())
         assert summary["n_images"] == 3
     masks = sorted(r["mask"] for r in summary["images"])
-    assert masks == ["a/x_mask.png", "b/x_jpg_mask.png", "b/x_png_mask.png"]
+    assert masks == ["a/x.png_mask.png", "b/x.jpg_mask.png", "b/x.png_mask.png"]
     assert all((out / m).is_file() for m in masks)
 
 

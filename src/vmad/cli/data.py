@@ -78,7 +78,8 @@ def _register_build_riad(actions: argparse._SubParsersAction) -> None:
         "support: their normal images, their anomalous images with their masks as COCO RLE, K synthetic "
         "defects on each used normal image, and templated description / impact / suggestion answers. "
         "Several --from sources go into one RIAD root (a class name in two sources is an error). "
-        "Deterministic for a seed; built in OUT.tmp-XXXX and renamed.",
+        "Deterministic for a seed; built in OUT.tmp-XXXX and renamed (what a killed earlier run left beside "
+        "OUT is repaired first: an interrupted --overwrite gets its old folder back).",
     )
     build.add_argument(
         "--from",

@@ -1,10 +1,16 @@
 """``vmad detect IMAGE_OR_FOLDER``: masks, overlays, scores and answers for images, model loaded once.
 
-Outputs in ``--out DIR`` (folder inputs keep their relative sub-folders, so equal names in different folders
-do not clash; two files differing only by extension get ``<stem>_<ext>`` names): ``<name>_mask.png`` (0/255),
-``<name>_overlay.png`` and ``summary.json`` (per image: file, score, mask/overlay paths relative to DIR,
-answer, error). Unreadable images are reported on stderr, listed with their error and skipped; the exit
-status is non-zero only when no image could be processed.
+Outputs in ``--out DIR``: ``<name>_mask.png`` (0/255), ``<name>_overlay.png`` and ``summary.json`` (per
+image: file, score, mask/overlay paths relative to DIR, answer, error). ``<name>`` is the image's path
+relative to the input folder, file extension included (``sub/good.jpg`` -> ``sub/good.jpg_mask.png``), so
+``good.jpg``, ``good.png`` and ``good_jpg.png`` keep distinct outputs. Names that differ only by letter case
+(``x.png`` / ``x.PNG``; they are one file on case-insensitive file systems) get a suffix after the first, in
+sorted order: ``x.png_mask.png``, then ``x.PNG~2_mask.png``. No two images ever share an output file (checked
+before anything is written), and each summary row names exactly the files written for that image.
+
+The output folder is created and checked writable (a probe file) before the model loads; the question, when
+given, must not be empty. Unreadable images are reported on stderr, listed with their error and skipped; the
+exit status is non-zero only when no image could be processed.
 """
 
 from __future__ import annotations
@@ -30,12 +36,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "detect",
         help="anomaly masks, overlays, scores and answers for an image or a folder",
         description="Run a VMAD model on an image or on every image under a folder (recursively). Writes "
-        "<name>_mask.png (0/255), <name>_overlay.png and summary.json to --out. The default question is the "
-        "paper's template with the object name (--class-name, else 'object'). --no-answer is the fast "
-        "segmentation-only path (one forward per batch).",
+        "<name>_mask.png (0/255), <name>_overlay.png and summary.json to --out, where <name> is the image's "
+        "path relative to the input folder with its extension (sub/a.jpg -> sub/a.jpg_mask.png; names equal "
+        "but for letter case get a ~2, ~3 ... suffix). The default question is the paper's template with the "
+        "object name (--class-name, else 'object'). --no-answer is the fast segmentation-only path (one "
+        "forward per batch).",
     )
     parser.add_argument("input", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images")
-    parser.add_argument("--question", help="question to ask (default: the paper's template)")
+    parser.add_argument(
+        "--question",
+        help="question to ask, as given (must not be empty; default: the paper's template); summary.json "
+        "records the question asked",
+    )
     parser.add_argument("--class-name", metavar="NAME", help="object name for the default question")
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder ({DEFAULT_OUT})")
     parser.add_argument("--json", action="store_true", help="print summary.json, not one line per image")
@@ -88,17 +100,56 @@ def find_images(target: Path, out_dir: Path) -> tuple[Path, list[Path]]:
     return target, files
 
 
+OUTPUT_SUFFIXES = ("_mask.png", "_overlay.png")
+
+
 def output_stems(root: Path, files: Sequence[Path]) -> list[Path]:
-    """Relative output stem per file: ``sub/dir/name``; ``sub/dir/name_<ext>`` when two files in one folder
-    differ only by extension."""
-    stems = [p.relative_to(root).with_suffix("") for p in files]
-    counts: dict[Path, int] = {}
-    for s in stems:
-        counts[s] = counts.get(s, 0) + 1
-    return [
-        s.with_name(f"{s.name}_{p.suffix.lstrip('.').lower()}") if counts[s] > 1 else s
-        for s, p in zip(stems, files, strict=True)
-    ]
+    """Relative output name per file: its path relative to ``root``, extension kept (``sub/good.jpg``).
+    Paths equal but for letter case (one file on case-insensitive file systems) get ``~2``, ``~3`` ... after
+    the first (``x.PNG~2``); a suffixed name ends in no image extension, so it cannot equal a real one."""
+    stems: list[Path] = []
+    taken: set[str] = set()
+    for p in files:
+        stem = p.relative_to(root)
+        n = 1
+        while _case_key(stem) in taken:
+            n += 1
+            stem = p.relative_to(root).with_name(f"{p.name}~{n}")
+        taken.add(_case_key(stem))
+        stems.append(stem)
+    check_distinct_outputs(stems)
+    return stems
+
+
+def _case_key(path: Path) -> str:
+    return path.as_posix().casefold()
+
+
+def output_paths(stem: Path) -> tuple[Path, ...]:
+    """The files written for one image, relative to the output folder (mask, overlay)."""
+    return tuple(stem.with_name(stem.name + suffix) for suffix in OUTPUT_SUFFIXES)
+
+
+def check_distinct_outputs(stems: Sequence[Path]) -> None:
+    """VMADError unless every output file (and folder) is distinct from every other, ignoring letter case,
+    and none is summary.json: no image's result may overwrite another's."""
+    from vmad.errors import VMADError
+
+    owner: dict[str, int] = {_case_key(Path("summary.json")): -1}
+    folders: dict[str, int] = {}
+    for i, stem in enumerate(stems):
+        for path in output_paths(stem):
+            key = _case_key(path)
+            clash = owner.get(key, folders.get(key))
+            if clash is not None:
+                other = "summary.json" if clash == -1 else f"the outputs of image {clash + 1}"
+                raise VMADError(f"output {path.as_posix()} of image {i + 1} would overwrite {other}")
+            owner[key] = i
+        for parent in stem.parents:
+            key = _case_key(parent)
+            if key in owner:
+                raise VMADError(f"output folder {parent.as_posix()} of image {i + 1} is an output file")
+            folders.setdefault(key, i)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -130,9 +181,12 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     root, files = find_images(Path(args.input), out_dir)
     stems = output_stems(root, files)
+    prepare_out_dir(out_dir)  # before the model loads: a bad --out must not cost the whole inference
 
     detector = _load_detector(weights, config, args.model)
-    question = args.question or detector.default_question(args.class_name, args.answer)
+    question = args.question
+    if question is None:
+        question = detector.default_question(args.class_name, args.answer)
     outputs = _ImageOutputs(args=args, out_dir=out_dir, files=files, stems=stems)
     _detect_in_batches(detector, outputs, config.batch_size)
 
@@ -145,8 +199,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and check that files can be written in it (a probe file, removed at once);
+    VMADError ``<path>: <problem>`` when it is a file, cannot be created or is not writable."""
+    import os
+    import tempfile
+
+    from vmad.errors import VMADError
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VMADError(f"{out_dir}: --out is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VMADError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vmad-write-probe-", dir=out_dir)
+    except OSError as exc:
+        raise VMADError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from None
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
+
+
 def _checked_config(args: argparse.Namespace) -> DetectorConfig:
-    """The validated detector settings from the options; VMADError when ``--alpha`` is outside [0, 1]."""
+    """The validated detector settings from the options (the device checked usable); VMADError when
+    ``--alpha`` is outside [0, 1] or ``--question`` is empty."""
     from vmad.errors import VMADError
     from vmad.infer.detector import DetectorConfig
 
@@ -156,8 +233,11 @@ def _checked_config(args: argparse.Namespace) -> DetectorConfig:
         max_new_tokens=args.max_new_tokens,
         device=args.device,
     ).validate()
+    config.torch_device()  # e.g. --device cuda on a CPU-only torch: one error line, before any work
     if not 0.0 <= args.alpha <= 1.0:
         raise VMADError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.question is not None and not args.question.strip():
+        raise VMADError("--question must not be empty (leave it out for the default question)")
     return config
 
 
@@ -210,9 +290,7 @@ class _ImageOutputs:
 
         from vmad.infer.render import overlay, save_png
 
-        stem = self.stems[index]
-        mask_path = stem.with_name(stem.name + "_mask.png")
-        overlay_path = stem.with_name(stem.name + "_overlay.png")
+        mask_path, overlay_path = output_paths(self.stems[index])
         try:
             save_png(self.out_dir / mask_path, detection.mask)
             heat_map = overlay(image, detection.probability_map, detection.mask, self.args.alpha)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmad.errors import ConfigError
+from vmad.errors import ConfigError, VMADError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -163,8 +163,11 @@ def _export(args: argparse.Namespace) -> int:
     from vmad.model.build import load_pretrained
     from vmad.model.weights_io import merge_lora
 
-    model = load_pretrained(args.checkpoint, **_paths(args))
     out = Path(args.out)
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # checked before the model is loaded: nothing is written
+        raise VMADError(f"{out}: cannot export there ({blocked} exists and is not a folder)")
+    model = load_pretrained(args.checkpoint, **_paths(args))
     model.save_trainable(out / "vmad")
     lm = merge_lora(model)
     lm.save_pretrained(out / "llm", safe_serialization=True)

@@ -23,8 +23,9 @@ classes) in the order given; ``protocols`` of RIAD sources are merged by name.
 
 Deterministic: every random choice comes from an RNG seeded by (seed, class, image path, purpose), so the
 output bytes depend only on the sources (and their paths as given, recorded in ``classes.json``), the
-options and the seed. Written atomically (:func:`vmad.atomic.atomic_dir`): built in ``<out>.tmp-XXXX``
-beside ``<out>``, then renamed.
+options and the seed. Every written path is checked to stay inside ``<out>`` (:func:`vmad.atomic.inside_dir`).
+Written atomically (:func:`vmad.atomic.atomic_dir`): built in ``<out>.tmp-XXXX`` beside ``<out>``, then
+renamed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from vmad.atomic import atomic_dir
+from vmad.atomic import atomic_dir, inside_dir, recover_dir
 from vmad.data.coco import load_coco, rle_encode
 from vmad.data.dataset import SPLIT_ORDER, AnomalyDataset, DataOptions, load_dataset
 from vmad.data.formats import NEU_CLASS_NAMES
@@ -168,7 +170,9 @@ def _hash_key(seed: int, rel: str) -> bytes:
 def _rel(sample: Sample, root: Path) -> PurePosixPath:
     """The sample's image path inside the source class (the class folder's name dropped)."""
     try:
-        rel = PurePosixPath(sample.image_path.relative_to(root).as_posix())
+        rel = PurePosixPath(posixpath.normpath(sample.image_path.relative_to(root).as_posix()))
+        if rel.parts[:1] == ("..",) or rel.is_absolute():
+            raise ValueError(rel)
     except ValueError:
         digest = hashlib.sha256(str(sample.image_path).encode()).hexdigest()[:12]
         return PurePosixPath(digest, sample.image_path.name)
@@ -272,11 +276,12 @@ def _source_entry(sample: Sample, fmt: str, root: Path, class_dir: Path, cfg: Bu
     rel = _rel(sample, root)
     if rel.suffix.lower() in COPY_SUFFIXES:
         file_name = str(PurePosixPath("images", "source", rel))
-        (class_dir / file_name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(sample.image_path, class_dir / file_name)
+        target = inside_dir(class_dir, file_name, sample.image_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample.image_path, target)
     else:
         file_name = str(PurePosixPath("images", "source", rel.with_suffix(".png")))
-        _save_png(read_image(sample.image_path), class_dir / file_name)
+        _save_png(read_image(sample.image_path), inside_dir(class_dir, file_name, sample.image_path))
     height, width = image_shape(sample.image_path)
     fields: dict = {"source": str(rel)}
     if not sample.is_anomalous:
@@ -306,7 +311,7 @@ def _synthetic_entries(
             image, seeded_rng(cfg.seed, sample.class_name, rel, "synthetic", k), kind, cfg.synth
         )
         file_name = str(PurePosixPath("images", "synthetic", f"{rel.with_suffix('')}_s{k}_{kind}.png"))
-        _save_png(defect.image, class_dir / file_name)
+        _save_png(defect.image, inside_dir(class_dir, file_name, sample.image_path))
         defect_type = f"{SYNTHETIC_PREFIX}{kind}"
         category = CATEGORIES_BY_NAME[SYNTHETIC_CATEGORY[kind]]
         answers = defect_answers(
@@ -358,11 +363,24 @@ class _Source:
 
 
 def check_output_dir(out: Path, sources: Sequence[Path], overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(out, "exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(out, "folder exists and is not empty (pass --overwrite to replace it)")
-    dst = out.resolve()
+    """Refuse an unusable ``out`` (a file, a symlink loop, non-empty without ``overwrite``, overlapping a
+    source); first repair what a killed earlier build left beside it (:func:`vmad.atomic.recover_dir`:
+    an interrupted ``--overwrite`` gets its old folder back, stale ``<out>.tmp-*`` folders are deleted)."""
+    try:
+        dst = out.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise DataError(out, f"cannot resolve the output folder ({exc})") from None
+    if out.is_symlink() and not out.exists():
+        raise DataError(out, "is a broken symlink or a symlink loop")
+    try:
+        recover_dir(out)
+        if out.exists() and not out.is_dir():
+            raise DataError(out, "exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise DataError(out, "folder exists and is not empty (pass --overwrite to replace it)")
+    except OSError as exc:
+        problem = f"cannot use the output folder ({exc.strerror or exc})"
+        raise DataError(exc.filename or out, problem) from None
     for source in sources:
         src = source.resolve()
         if src == dst or src in dst.parents or dst in src.parents:
@@ -452,8 +470,11 @@ def build_riad(
     sources = [_load_source(path, fmt, cfg, options) for path, fmt in pairs]
     _check_clashes(sources)
     protocols = _merged_protocols(sources)
-    with atomic_dir(out) as tmp:
-        summary = _build(sources, protocols, tmp, cfg, progress)
+    try:
+        with atomic_dir(out) as tmp:
+            summary = _build(sources, protocols, tmp, cfg, progress)
+    except OSError as exc:
+        raise DataError(exc.filename or out, f"cannot write the output ({exc.strerror or exc})") from None
     summary.out = out
     return summary
 
@@ -497,7 +518,8 @@ def _build(
         for src in sources:
             summary.sources.append(SourceSummary(src.path, src.dataset.format, list(src.chosen)))
             for name, samples in src.chosen.items():
-                c, description = _build_class(name, samples, src.dataset, tmp / name, cfg, bar)
+                class_dir = inside_dir(tmp, name, src.path)
+                c, description = _build_class(name, samples, src.dataset, class_dir, cfg, bar)
                 manifest_classes[name] = {"normal_description": description}
                 summary.classes[name] = c
     manifest = {

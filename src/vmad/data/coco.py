@@ -31,19 +31,45 @@ def load_json(path: Path) -> Any:
         raise DataError(path, f"invalid JSON ({exc})") from None
 
 
-def rle_decode(rle: dict, path: Path | str = "<rle>") -> np.ndarray:
-    """COCO RLE (``{"size": [h, w], "counts": str | list[int]}``, column-major runs from 0) to bool (h, w)."""
+MAX_SIDE = 100_000
+"""Largest image side (pixels) an annotations file may declare (``width``, ``height``, RLE ``size``)."""
+MAX_PIXELS = 2**28
+"""Largest RLE mask (h * w) decoded at all; against an image the RLE must also have the image's size."""
+
+
+def rle_decode(
+    rle: dict, path: Path | str = "<rle>", expected_hw: tuple[int, int] | None = None
+) -> np.ndarray:
+    """COCO RLE (``{"size": [h, w], "counts": str | list[int]}``, column-major runs from 0) to bool (h, w).
+
+    Every size is checked before anything is allocated: ``size`` must be two integers in 0..MAX_SIDE (and
+    equal ``expected_hw``, the image's (h, w), when given) and the runs must be >= 0 and sum to h*w."""
     try:
-        height, width = (int(v) for v in rle["size"])
+        size = rle["size"]
+        if not isinstance(size, (list, tuple)) or len(size) != 2:
+            raise ValueError(f"size {size!r} is not [height, width]")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+            raise ValueError(f"size {size!r} is not two integers")
+        height, width = size
+        if not (0 <= height <= MAX_SIDE and 0 <= width <= MAX_SIDE) or height * width > MAX_PIXELS:
+            raise ValueError(f"size {size!r} is outside 0..{MAX_SIDE} or over {MAX_PIXELS} pixels")
+        if expected_hw is not None and (height, width) != tuple(expected_hw):
+            raise DataError(path, f"RLE size {[height, width]} != image {expected_hw[0]}x{expected_hw[1]}")
         counts = rle["counts"]
-        runs = _rle_string_to_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(path, f"bad RLE segmentation ({exc!r})") from None
-    if sum(runs) != height * width or min(runs, default=0) < 0:
-        raise DataError(path, f"RLE runs sum to {sum(runs)}, expected {height}*{width}")
+        if isinstance(counts, str):
+            runs = _rle_string_to_counts(counts)
+        elif isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            runs = counts
+        else:
+            raise ValueError("counts must be a string or a list of integers")
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise DataError(path, f"bad RLE segmentation ({exc})") from None
+    total = sum(runs)
+    if total != height * width or min(runs, default=0) < 0:
+        raise DataError(path, f"RLE runs sum to {total}, expected {height}*{width} (or a run is negative)")
     values = np.zeros(len(runs), dtype=bool)
     values[1::2] = True
-    flat = np.repeat(values, runs)
+    flat = np.repeat(values, np.asarray(runs, dtype=np.int64))
     return flat.reshape(width, height).T
 
 
@@ -98,24 +124,42 @@ def rasterize(annotations: list[dict], height: int, width: int, path: Path | str
     for ann in annotations:
         seg = ann.get("segmentation")
         if isinstance(seg, dict):
-            region = rle_decode(seg, path)
-            if region.shape != (height, width):
-                raise DataError(
-                    path,
-                    f"annotation {ann.get('id')}: RLE size {list(region.shape)} != image {height}x{width}",
-                )
+            region = rle_decode(seg, f"{path}: annotation {ann.get('id')}", (height, width))
         elif isinstance(seg, list):
             canvas = Image.new("L", (width, height), 0)
             draw = ImageDraw.Draw(canvas)
             for poly in seg:
-                if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
-                    raise DataError(path, f"annotation {ann.get('id')}: polygon needs >= 3 (x, y) pairs")
-                draw.polygon([(float(poly[i]), float(poly[i + 1])) for i in range(0, len(poly), 2)], fill=1)
+                draw.polygon(_polygon_points(poly, path, ann.get("id")), fill=1)
             region = np.asarray(canvas, dtype=bool)
         else:
             raise DataError(path, f"annotation {ann.get('id')}: segmentation must be polygons or RLE")
         out[region] = int(ann["category_id"])
     return out
+
+
+_COORD_LIMIT = 1e9
+
+
+def _polygon_points(poly: Any, path: Path | str, ann_id: Any) -> list[tuple[float, float]]:
+    """(x, y) points of one COCO polygon; DataError unless it is >= 3 pairs of finite numbers."""
+    if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+        raise DataError(path, f"annotation {ann_id}: polygon needs >= 3 (x, y) pairs")
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= _COORD_LIMIT for v in poly
+    ):
+        raise DataError(path, f"annotation {ann_id}: polygon coordinates must be finite numbers")
+    return [(float(poly[i]), float(poly[i + 1])) for i in range(0, len(poly), 2)]
+
+
+def image_dimension(info: dict, key: str, path: Path | str, default: int) -> int:
+    """``width`` / ``height`` of a COCO image entry (``default`` when absent); DataError unless it is an
+    integer in 1..MAX_SIDE."""
+    value = info.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
+        raise DataError(
+            path, f"image {info.get('id')}: {key!r} must be an integer in 1..{MAX_SIDE}, got {value!r}"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -141,12 +185,12 @@ def _validate_coco(path: Path, data: Any) -> CocoIndex:
             image_id, category = int(ann["image_id"]), int(ann["category_id"])
             if image_id not in images:
                 raise DataError(path, f"annotation {ann.get('id')} refers to unknown image id {image_id}")
-            if category not in categories or category == 0:
+            if category not in categories or not 0 < category < 2**31:
                 raise DataError(path, f"annotation {ann.get('id')}: unknown category id {category}")
             if not (isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4):
                 raise DataError(path, f"annotation {ann.get('id')}: bbox must be [x, y, width, height]")
             annotations[image_id].append(ann)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise DataError(path, f"malformed COCO entry ({exc!r})") from None
     return CocoIndex(path, images, annotations, categories)
 
@@ -182,7 +226,10 @@ def check_coco_image(
     if image_id not in index.images:
         raise DataError(path, f"no image with id {image_id}")
     info = index.images[image_id]
-    coco_hw = (int(info.get("height", image_hw[0])), int(info.get("width", image_hw[1])))
+    coco_hw = (
+        image_dimension(info, "height", path, image_hw[0]),
+        image_dimension(info, "width", path, image_hw[1]),
+    )
     if coco_hw != tuple(image_hw):
         raise DataError(
             path,

@@ -32,6 +32,29 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
+def inside_root(root: str | Path, relative: str | Path, what: str | Path) -> Path:
+    """``root / relative`` for a path read from a data file (``what``, named in the error); DataError unless
+    it stays inside ``root``: an absolute path, ``..`` segments leaving ``root`` and symlinks pointing out
+    of it are refused (the joined path is resolved, symlinks included, then checked against the resolved
+    ``root``). Returns the joined, unresolved path."""
+    root = Path(root)
+    text = str(relative)
+    if not text.strip() or "\x00" in text:
+        raise DataError(what, f"empty or invalid path {text!r}")
+    rel = Path(text)
+    if rel.is_absolute() or rel.drive or rel.root:
+        raise DataError(what, f"path {text!r} is absolute; paths must be relative to {root}")
+    joined = root / rel
+    try:
+        real_root = root.resolve()
+        real = joined.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise DataError(what, f"path {text!r} cannot be resolved ({exc})") from None
+    if not real.is_relative_to(real_root):
+        raise DataError(what, f"path {text!r} leaves the dataset folder {root}")
+    return joined
+
+
 def is_image_file(path: Path) -> bool:
     """True for a visible file with an image extension (case-insensitive)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from vmad.atomic import atomic_dir
 from vmad.data.build_riad import check_output_dir, seeded_rng
-from vmad.errors import ConfigError
+from vmad.errors import ConfigError, DataError
 
 CLASSES: tuple[str, ...] = ("surface", "part")
 TEXTURES: tuple[str, ...] = ("noise", "brushed", "grating", "cells", "smooth")
@@ -216,15 +216,18 @@ def write_procedural(
     """Write ``cfg.count`` images per class of :data:`CLASSES` to ``out`` (folder format, ``train`` split)."""
     out = Path(out)
     check_output_dir(out, [], overwrite)
-    with (
-        atomic_dir(out) as tmp,
-        tqdm(total=cfg.count * len(CLASSES), disable=not progress, desc="procedural") as bar,
-    ):
-        for name in CLASSES:
-            folder = tmp / name / "train" / "images"
-            folder.mkdir(parents=True)
-            for i in range(cfg.count):
-                image = _IMAGE_FNS[name](seeded_rng(cfg.seed, name, i, cfg.size), cfg)
-                Image.fromarray(image).save(folder / f"{i:05d}.png")
-                bar.update()
+    try:
+        with (
+            atomic_dir(out) as tmp,
+            tqdm(total=cfg.count * len(CLASSES), disable=not progress, desc="procedural") as bar,
+        ):
+            for name in CLASSES:
+                folder = tmp / name / "train" / "images"
+                folder.mkdir(parents=True)
+                for i in range(cfg.count):
+                    image = _IMAGE_FNS[name](seeded_rng(cfg.seed, name, i, cfg.size), cfg)
+                    Image.fromarray(image).save(folder / f"{i:05d}.png")
+                    bar.update()
+    except OSError as exc:
+        raise DataError(exc.filename or out, f"cannot write the output ({exc.strerror or exc})") from None
     return out

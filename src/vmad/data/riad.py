@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vmad.data.coco import CocoIndex, coco_image_id, load_coco, load_json, rasterize_image_mask
-from vmad.data.io import image_shape
+from vmad.data.io import image_shape, inside_root
 from vmad.data.records import ANOMALOUS, NORMAL, Sample
 from vmad.errors import DataError
 
@@ -73,10 +73,11 @@ def read_manifest(root: Path) -> dict:
                 raise DataError(
                     candidate, 'not a RIAD manifest (needs "format": "riad" and a "classes" object)'
                 )
-            if int(data.get("version", FORMAT_VERSION)) > FORMAT_VERSION:
-                raise DataError(
-                    candidate, f"RIAD format version {data['version']} is newer than {FORMAT_VERSION}"
-                )
+            version = data.get("version", FORMAT_VERSION)
+            if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+                raise DataError(candidate, f"RIAD format 'version' must be an integer >= 1, got {version!r}")
+            if version > FORMAT_VERSION:
+                raise DataError(candidate, f"RIAD format version {version} is newer than {FORMAT_VERSION}")
             return data
     return {}
 
@@ -97,7 +98,10 @@ def _image_sample(index: CocoIndex, image_id: int, class_dir: Path, split: str, 
     label = LABELS.get(str(info.get("label", "")))
     if label is None:
         raise DataError(path, f"image {image_id}: 'label' must be 'normal' or 'anomalous'")
-    image = class_dir / str(info.get("file_name", ""))
+    file_name = info.get("file_name")
+    if not isinstance(file_name, str):
+        raise DataError(path, f"image {image_id}: 'file_name' must be a path string")
+    image = inside_root(class_dir, file_name, f"{path}: image {image_id}")
     if not image.is_file():
         raise DataError(image, f"image {image_id} listed in {path} not found")
     anns = index.annotations[image_id]
@@ -141,7 +145,7 @@ def read(root: Path) -> list[Sample]:
     if _is_class_dir(root):
         dirs = [root]
     elif manifest:
-        dirs = [root / name for name in classes]
+        dirs = [inside_root(root, name, f"{root / MANIFEST}: class {name!r}") for name in classes]
         for d in dirs:
             if not _is_class_dir(d):
                 raise DataError(d, f"class listed in {root / MANIFEST} has no annotations_<split>.json")
@@ -149,6 +153,7 @@ def read(root: Path) -> list[Sample]:
         raise DataError(root, f"not a RIAD folder (no {MANIFEST} and no annotations_<split>.json)")
     samples: list[Sample] = []
     for d in dirs:
-        desc = (classes.get(d.name) or {}).get("normal_description")
+        entry = classes.get(d.name)
+        desc = entry.get("normal_description") if isinstance(entry, dict) else None
         samples.extend(read_class(d, desc if isinstance(desc, str) else None))
     return samples

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from vmad.data.io import inside_root
 from vmad.data.records import ANOMALOUS, NORMAL, Sample
 from vmad.errors import DataError
 
@@ -46,8 +47,10 @@ def _read_rows(csv_path: Path) -> list[dict[str, str]]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(csv_path, f"unreadable CSV ({exc})") from None
     if rows and not set(_COLUMNS) <= set(rows[0]):
-        raise DataError(csv_path, f"expected columns {','.join(_COLUMNS)}, found {','.join(rows[0])}")
-    return rows
+        found = ",".join(str(k) for k in rows[0])
+        raise DataError(csv_path, f"expected columns {','.join(_COLUMNS)}, found {found}")
+    # Short rows give None values, long rows a list under the None key: both read as "".
+    return [{k: v if isinstance(v, str) else "" for k, v in r.items() if k is not None} for r in rows]
 
 
 def _defect_types(class_dir: Path) -> dict[str, str]:
@@ -82,18 +85,18 @@ def read(path: Path) -> list[Sample]:
         label = row["label"].strip().lower()
         if split is None or label not in ("normal", "anomaly"):
             raise DataError(csv_path, f"line {line}: bad split {row['split']!r} or label {row['label']!r}")
-        image = root / row["image"].strip()
+        image = inside_root(root, (row["image"] or "").strip(), f"{csv_path} (line {line})")
         if not image.is_file():
             raise DataError(image, f"image listed in {csv_path} (line {line}) not found")
         if label == "normal":
             samples.append(Sample(image, name, NORMAL, "good", split))
             continue
         mask_rel = (row["mask"] or "").strip()
-        mask = root / mask_rel if mask_rel else None
+        mask = inside_root(root, mask_rel, f"{csv_path} (line {line})") if mask_rel else None
         if mask is None or not mask.is_file():
             raise DataError(image, f"anomalous image has no mask (line {line} of {csv_path})")
         if name not in types:
-            types[name] = _defect_types(root / name)
+            types[name] = _defect_types(inside_root(root, name, f"{csv_path} (line {line}): class"))
         defect = types[name].get(row["image"].strip(), "anomaly") or "anomaly"
         samples.append(Sample(image, name, ANOMALOUS, defect, split, mask_path=mask, mask_spec="png-nonzero"))
     if not samples:

@@ -67,7 +67,8 @@ class DetectorConfig:
         max_new_tokens: answer-mode generation length.
         answer_query: query type of the default answer-mode question (one of ``QUERY_TYPES``).
         default_object: object name used in the default questions when no class name is given.
-        device: ``auto`` (CUDA when available, else CPU), or a torch device string.
+        device: ``auto`` (CUDA when available, else CPU), or a torch device string; :meth:`torch_device`
+            refuses (ConfigError) a CUDA / MPS device this torch cannot use.
     """
 
     threshold: float = 0.5
@@ -90,12 +91,30 @@ class DetectorConfig:
         return self
 
     def torch_device(self) -> torch.device:
+        """The torch device; ConfigError for a malformed name or a CUDA / MPS device not usable here."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            return torch.device(self.device)
+            dev = torch.device(self.device)
         except RuntimeError as exc:
             raise ConfigError(f"device {self.device!r}: {exc}") from None
+        check_device_available(dev, self.device)
+        return dev
+
+
+def check_device_available(dev: torch.device, name: str | None = None) -> None:
+    """ConfigError when ``dev`` is a CUDA device (or index) or MPS that this torch / machine does not have."""
+    name = name or str(dev)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "CUDA is not available" if torch.backends.cuda.is_built() else (
+                f"this torch ({torch.__version__}) was built without CUDA")
+            raise ConfigError(f"device {name!r}: {built}; use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"device {name!r}: only {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {name!r}: MPS is not available; use --device cpu or auto")
 
 
 @dataclass
@@ -156,11 +175,44 @@ class ChatTurn:
 # ------------------------------------------------------------------------------------------ images
 
 
+def _unit_range(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Pixel values -> float32 in [0, 1], checked (VMADError otherwise): uint8 is 0-255; other integer dtypes
+    are taken as 0-255 too, but only when every value is in [0, 255]; floating point must be finite and in
+    [0, 1] (it is never rescaled or clipped); bool and complex are refused."""
+    if t.dtype == torch.bool or t.is_complex():
+        raise VMADError(f"image {what} of dtype {t.dtype} is not an image; give uint8 0-255 or float 0-1")
+    if t.dtype == torch.uint8:
+        return t.float() / 255.0
+    if not t.is_floating_point():
+        lo, hi = int(t.long().min()), int(t.long().max())
+        if lo < 0 or hi > 255:
+            raise VMADError(
+                f"image {what} of dtype {t.dtype} has values in [{lo}, {hi}]; integer images must be 0-255"
+            )
+        return t.float() / 255.0
+    t = t.float()
+    if not bool(torch.isfinite(t).all()):
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise VMADError(
+            f"image {what} has {n_nan} NaN and {n_inf} infinite value(s); pixels must be finite, in [0, 1]"
+        )
+    lo, hi = float(t.min()), float(t.max())
+    if lo < 0.0 or hi > 1.0:
+        raise VMADError(
+            f"float image {what} has values in [{lo:g}, {hi:g}]; float images must be in [0, 1] "
+            "(divide 0-255 data by 255, or give uint8)"
+        )
+    return t
+
+
 def _as_tensor(image: ImageInput) -> tuple[torch.Tensor, str | None]:
     """Any accepted input -> ``([3, H, W] float in [0, 1], source path or None)``.
 
-    Paths are read with :func:`vmad.data.read_image`; arrays are (H, W, 3|4) or (H, W) uint8 (float arrays
-    are taken as [0, 1]); tensors are ``[3, H, W]`` in [0, 1]."""
+    Paths are read with :func:`vmad.data.read_image`; arrays are (H, W, 3|4) or (H, W), tensors ``[3, H, W]``
+    or ``[1, H, W]`` / ``[H, W]``. Pixel values (arrays and tensors alike) are checked, never clipped:
+    uint8 is 0-255; other integer dtypes (int64, uint16, ...) are accepted as 0-255 only when every value is
+    in [0, 255], else VMADError; float must be finite (no NaN / inf) and in [0, 1], else VMADError naming
+    the range found."""
     source = None
     if isinstance(image, (str, Path)):
         source = str(image)
@@ -168,21 +220,34 @@ def _as_tensor(image: ImageInput) -> tuple[torch.Tensor, str | None]:
     elif isinstance(image, Image.Image):
         image = to_rgb_array(image)
     if isinstance(image, torch.Tensor):
-        t = image.detach().float()
+        t = image.detach().cpu()
         if t.dim() == 2:
             t = t[None]
-        if t.dim() != 3 or t.shape[0] not in (1, 3):
+        if t.dim() != 3 or t.shape[0] not in (1, 3) or min(t.shape[1:]) < 1:
             raise VMADError(f"image tensor must be [3, H, W] in [0, 1], got {tuple(image.shape)}")
-        return t.expand(3, -1, -1).cpu(), source
+        return _unit_range(t, "tensor").expand(3, -1, -1), source
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or min(arr.shape[:2]) < 1:
         raise VMADError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
     arr = arr[:, :, :3] if arr.shape[2] >= 3 else np.repeat(arr, 3, axis=2)
+    if arr.dtype.kind not in "biufc":
+        raise VMADError(f"image array of dtype {arr.dtype} is not an image; give uint8 0-255 or float 0-1")
+    if arr.dtype.kind in "iu" and arr.dtype != np.uint8:  # checked here: torch lacks min/max for uint16+
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise VMADError(
+                f"image array of dtype {arr.dtype} has values in [{lo}, {hi}]; integer images must be 0-255"
+            )
+        arr = arr.astype(np.uint8)
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
-    t = t.float() / 255.0 if arr.dtype == np.uint8 else t.float().clamp(0, 1)
-    return t, source
+    return _unit_range(t, "array"), source
+
+
+def _check_question(question: str | None) -> None:
+    if question is not None and not question.strip():
+        raise VMADError("the question must not be empty (None asks the default question)")
 
 
 def _is_single(images: Any) -> bool:
@@ -247,9 +312,12 @@ class Detector:
         max_new_tokens: int | None = None,
     ) -> list[Detection]:
         """Detect anomalies in one image or a list (paths, (H, W[, 3]) uint8 arrays, PIL images, [3, H, W]
-        tensors in [0, 1]). ``question`` None = :meth:`default_question`. ``answer`` False = segmentation only
-        (one forward); True = generated answer + mask (see the module rules). One Detection per image, in
-        order."""
+        tensors in [0, 1]; pixel values are checked as :func:`_as_tensor` says: NaN / inf, out-of-range floats
+        and integers outside 0-255 raise VMADError). ``question`` None = :meth:`default_question`; an empty
+        question is a VMADError. ``answer`` False = segmentation only (one forward); True = generated answer
+        + mask (see the module rules). One Detection per image, in order; ``Detection.question`` is the
+        question asked."""
+        _check_question(question)
         items = [images] if _is_single(images) else list(images)  # type: ignore[arg-type]
         loaded = [_as_tensor(x) for x in items]
         q = question if question is not None else self.default_question(class_name, answer)
@@ -311,6 +379,7 @@ class Detector:
     ) -> ChatTurn:
         """Answer ``question`` about ``image`` given earlier ``(question, answer)`` turns; the returned
         :class:`ChatTurn` carries the updated history. The mask follows the answer-mode rule."""
+        _check_question(question)
         history = list(history or [])
         tensor, source = _as_tensor(image)
         folded = self.fold_history(history, question)

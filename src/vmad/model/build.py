@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vmad.errors import ConfigError
+from vmad.errors import ConfigError, VMADError
 from vmad.model import weights_io
 from vmad.model.config import (
     BackboneConfig,
@@ -323,9 +323,17 @@ def load_pretrained(path: str | Path, **build_kwargs: Any) -> VMADModel:
     """A saved model folder (:func:`vmad.model.weights_io.save_trainable`, e.g. training's ``final/``):
     the base rebuilt from its config (``build_kwargs`` go to :func:`build_vmad`, e.g. local paths), then the
     trained parts loaded on top."""
-    meta = weights_io.read_meta(path)
-    if not isinstance(meta.get("config"), dict):
-        raise ConfigError(f"{Path(path) / weights_io.CONFIG_NAME}: no 'config' mapping")
-    model = build_vmad(VMADConfig.from_dict(meta["config"]), **build_kwargs)
+    meta = weights_io.read_meta(path)  # a VMADError naming config.json when it cannot be used
+    where = Path(path) / weights_io.CONFIG_NAME
+    try:  # sizes are bounded here, before anything is allocated
+        cfg = VMADConfig.from_dict(meta["config"])
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: invalid model config ({exc})") from None
+    try:
+        model = build_vmad(cfg, **build_kwargs)
+    except VMADError:
+        raise
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError, AssertionError) as exc:
+        raise ConfigError(f"{where}: the model it describes cannot be built ({exc})") from None
     model.load_trainable(path)
     return model

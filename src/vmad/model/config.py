@@ -27,6 +27,25 @@ DecoderKind = Literal["scratch", "sam"]
 ScoreRule = Literal["max_smoothed", "max", "mean_topk"]
 
 
+# Upper bounds of the size fields, checked before anything is allocated (a corrupt or hand-edited config.json
+# must give one error line, not an attempt to build a 1e9-wide layer). They comfortably include the paper
+# preset (LLaVA-1.5-7B: 4096 hidden, 11008 MLP, 32 layers, 32 heads, 32064 vocabulary rows; CLIP 336 px;
+# SAM 1024 px, 2048-wide decoder MLP).
+MAX_IMAGE_SIZE = 8192
+MAX_WIDTH = 32768  # hidden sizes, channel widths, prompt dims
+MAX_MLP = 131072  # intermediate / MLP widths
+MAX_LAYERS = 512
+MAX_HEADS = 1024
+MAX_VOCAB = 1 << 21  # 2,097,152 rows
+MAX_COUNT = 4096  # levels, LoRA rank, mask-prompt tokens and grid, projector queries/points/blocks
+
+
+def check_range(where: str, value: Any, low: int, high: int) -> None:
+    """Raise :class:`ConfigError` unless the integer ``value`` lies in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{where} must be an integer in [{low}, {high}], got {value!r}")
+
+
 @dataclass
 class VisionConfig:
     """Frozen vision encoder F_I (Eq. 1): returns its feature layer and the ``n_levels`` layers before it.
@@ -59,6 +78,13 @@ class VisionConfig:
         check_choices(self, "model.vision")
         if self.image_size < 16:
             raise ConfigError(f"vision.image_size must be >= 16, got {self.image_size}")
+        check_range("vision.image_size", self.image_size, 16, MAX_IMAGE_SIZE)
+        check_range("vision.n_levels", self.n_levels, 0, MAX_COUNT)
+        check_range("vision.feature_layer", self.feature_layer, -MAX_LAYERS, MAX_LAYERS)
+        check_range("vision.width", self.width, 1, MAX_WIDTH)
+        check_range("vision.layers", self.layers, 1, MAX_LAYERS)
+        check_range("vision.heads", self.heads, 1, MAX_HEADS)
+        check_range("vision.patch", self.patch, 1, self.image_size)
 
 
 @dataclass
@@ -111,6 +137,13 @@ class LLMConfig:
                 f"llm.mask_prompt_tokens must be >= 0 and llm.mask_prompt_grid >= 1, got "
                 f"{self.mask_prompt_tokens} and {self.mask_prompt_grid}"
             )
+        check_range("llm.mask_prompt_tokens", self.mask_prompt_tokens, 0, MAX_COUNT)
+        check_range("llm.mask_prompt_grid", self.mask_prompt_grid, 1, MAX_COUNT)
+        check_range("llm.hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        check_range("llm.layers", self.layers, 1, MAX_LAYERS)
+        check_range("llm.heads", self.heads, 1, MAX_HEADS)
+        check_range("llm.intermediate_size", self.intermediate_size, 1, MAX_MLP)
+        check_range("llm.vocab_rows", self.vocab_rows, 1, MAX_VOCAB)
         if self.seg_token not in self.seg_answer:
             raise ConfigError(f"llm.seg_answer {self.seg_answer!r} must contain {self.seg_token!r}")
 
@@ -128,6 +161,7 @@ class LoRAConfig:
     def validate(self) -> None:
         if self.r < 1:
             raise ConfigError(f"lora.r must be >= 1, got {self.r}")
+        check_range("lora.r", self.r, 1, MAX_COUNT)
 
 
 @dataclass
@@ -138,6 +172,11 @@ class SegHeadConfig:
 
     out_dim: int = 256
     hidden: int | None = None
+
+    def validate(self) -> None:
+        check_range("seg_head.out_dim", self.out_dim, 1, MAX_WIDTH)
+        if self.hidden is not None:
+            check_range("seg_head.hidden", self.hidden, 1, MAX_MLP)
 
 
 @dataclass
@@ -160,6 +199,8 @@ class BackboneConfig:
 
     def validate(self) -> None:
         check_choices(self, "model.backbone")
+        check_range("backbone.image_size", self.image_size, 16, MAX_IMAGE_SIZE)
+        check_range("backbone.width", self.width, 1, MAX_WIDTH)
 
 
 @dataclass
@@ -187,6 +228,10 @@ class MaskDecoderConfig:
 
     def validate(self) -> None:
         check_choices(self, "model.mask_decoder")
+        check_range("mask_decoder.dim", self.dim, 8, MAX_WIDTH)
+        check_range("mask_decoder.layers", self.layers, 1, MAX_LAYERS)
+        check_range("mask_decoder.heads", self.heads, 1, MAX_HEADS)
+        check_range("mask_decoder.mlp_dim", self.mlp_dim, 1, MAX_MLP)
         if self.dim % 8 or self.dim % self.heads:
             raise ConfigError(f"mask_decoder.dim must be divisible by 8 and by heads, got {self.dim}")
 
@@ -243,10 +288,26 @@ class VMADConfig:
     seed: int = 0
 
     def validate(self) -> VMADConfig:
-        parts = (self.vision, self.llm, self.lora, self.backbone, self.mask_decoder, self.loss, self.score)
+        parts = (
+            self.vision,
+            self.llm,
+            self.lora,
+            self.seg_head,
+            self.backbone,
+            self.mask_decoder,
+            self.loss,
+            self.score,
+        )
         for part in parts:
             part.validate()
         self.projector.validate()
+        for name in ("rho", "n_levels", "local_blocks", "points", "resampler_layers", "num_queries"):
+            value = getattr(self.projector, name)
+            if value is not None:
+                check_range(f"projector.{name}", value, 0, MAX_COUNT)
+        check_range("projector.heads", self.projector.heads, 1, MAX_HEADS)
+        if self.projector.hidden is not None:
+            check_range("projector.hidden", self.projector.hidden, 1, MAX_MLP)
         if self.projector.n_levels > self.vision.n_levels:
             raise ConfigError(
                 f"projector.n_levels={self.projector.n_levels} exceeds vision.n_levels={self.vision.n_levels}"

@@ -64,10 +64,23 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file():
         raise VMADError(f"{folder}: no {CONFIG_NAME} (not a VMAD checkpoint folder)")
-    meta = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    if not isinstance(meta, dict) or meta.get("format") != TRAINABLE_FORMAT:
-        raise VMADError(f"{folder}: {CONFIG_NAME} is not a {TRAINABLE_FORMAT} file")
-    if int(meta.get("version", 1)) > FORMAT_VERSION:
+    path = folder / CONFIG_NAME
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise VMADError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise VMADError(
+            f"{path}: not a {TRAINABLE_FORMAT} file (a JSON {type(meta).__name__}, not a mapping)"
+        )
+    if meta.get("format") != TRAINABLE_FORMAT:
+        raise VMADError(f"{path}: not a {TRAINABLE_FORMAT} file (format {meta.get('format')!r})")
+    version = meta.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise VMADError(f"{path}: 'version' must be an integer, got {version!r}")
+    if not isinstance(meta.get("config"), dict):
+        raise VMADError(f"{path}: no 'config' mapping")
+    if version > FORMAT_VERSION:
         raise VMADError(
             f"{folder}: written by a newer vmad (format version {meta['version']}, this one reads up to "
             f"{FORMAT_VERSION})"
@@ -97,11 +110,22 @@ def save_trainable(model: nn.Module, path: str | Path) -> Path:
     return folder
 
 
-def read_trainable(folder: str | Path, device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``(model tensors under current names, legacy training-only aux tensors)`` of a saved folder."""
+def read_weights_file(path: Path, device: str = "cpu") -> dict[str, Tensor]:
+    """All tensors of a safetensors file; a VMADError naming it when it is missing, truncated or not one."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(Path(folder) / WEIGHTS_NAME), device=device)
+    if not path.is_file():
+        raise VMADError(f"{path}: no such weights file")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise VMADError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def read_trainable(folder: str | Path, device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(model tensors under current names, legacy training-only aux tensors)`` of a saved folder."""
+    state = read_weights_file(Path(folder) / WEIGHTS_NAME, device)
     aux = {k: v for k, v in state.items() if k.startswith(LEGACY_AUX_PREFIX)}
     model_state = {LEGACY_KEYS.get(k, k): v for k, v in state.items() if k not in aux}
     for key in LEGACY_SCALARS:  # version 1 stored these as 0-dim tensors

@@ -4,7 +4,9 @@ A checkpoint is ``<output_dir>/checkpoint-<step>/``. It is written into ``.check
 rank adds its own files), completed by ``trainer_state.json`` (written last), renamed into place with
 ``os.replace``, and only then is ``<output_dir>/latest`` (a one-line file naming the folder) replaced. A run
 killed at any moment therefore leaves either the previous complete checkpoint or the new one;
-:func:`find_latest` ignores temporary folders and folders without ``trainer_state.json``.
+:func:`find_latest` ignores temporary folders and folders without ``trainer_state.json``;
+:func:`clean_stale` removes (or, when a rename was cut, finishes) those temporary folders at the next start,
+and :func:`unreadable_reason` tells a resume to skip a checkpoint whose files were damaged after the fact.
 """
 
 from __future__ import annotations
@@ -176,6 +178,70 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and path.name.startswith(PREFIX) and (path / STATE_FILE).is_file()
 
 
+def unreadable_reason(path: Path) -> str | None:
+    """Why complete checkpoint ``path`` cannot be resumed from (a file that is truncated, not JSON / not
+    safetensors, a state file without its keys), or None when every file it holds can be read. Only headers
+    are read for safetensors (their length must cover the data), so this is cheap."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        state = read_json(path / STATE_FILE)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"{STATE_FILE} is not readable JSON ({exc})"
+    if not isinstance(state, dict) or not {"step", "world_size", "config"} <= state.keys():
+        return f"{STATE_FILE} lacks step / world_size / config"
+    if not (path / "model" / "model.safetensors").is_file():
+        return "model/model.safetensors is missing"
+    for file in sorted(path.rglob("*")):
+        name = file.relative_to(path).as_posix()
+        try:
+            if file.suffix == ".json":
+                read_json(file)
+            elif file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as fh:
+                    fh.keys()
+        except (OSError, UnicodeDecodeError, ValueError, SafetensorError) as exc:
+            kind = "JSON" if file.suffix == ".json" else "safetensors"
+            return f"{name} is not readable {kind} ({exc})"
+    return None
+
+
+def clean_stale(output_dir: Path, final_dir: str = "final") -> list[str]:
+    """Remove the temporary folders a killed run left in ``output_dir`` (``.checkpoint-N.tmp``,
+    ``.checkpoint-N.old``, ``.<final_dir>.tmp``, ``.<final_dir>.old``); returns what was done, one line each.
+
+    A run killed between the two renames of :func:`commit` (or of the trainer's ``save_final``) has no
+    ``checkpoint-N`` / ``final`` at all: then the finished ``.tmp`` (its last file written) is moved into
+    place, else the ``.old`` one is put back, so no completed work is deleted."""
+    if not output_dir.is_dir():
+        return []
+    done = []
+    stale = sorted(
+        p
+        for p in output_dir.iterdir()
+        if p.is_dir() and p.name.startswith(".") and p.name.endswith((".tmp", ".old"))
+    )
+    for path in stale:
+        name = path.name[1:-4]
+        if not (name == final_dir or (name.startswith(PREFIX) and name[len(PREFIX) :].isdigit())):
+            continue
+        marker = STATE_FILE if name != final_dir else "train_config.json"
+        target = output_dir / name
+        if not target.exists() and path.exists():
+            tmp, old = output_dir / f".{name}.tmp", output_dir / f".{name}.old"
+            source = tmp if (tmp / marker).is_file() else old if old.is_dir() else None
+            if source is not None:
+                os.replace(source, target)
+                done.append(f"restored {target.name} from {source.name} (left by a killed run)")
+        for leftover in (output_dir / f".{name}.tmp", output_dir / f".{name}.old"):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+                done.append(f"removed {leftover.name} (left by a killed run)")
+    if done:
+        fsync_dir(output_dir)
+    return done
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest (lowest step) first."""
     if not output_dir.is_dir():
@@ -197,6 +263,14 @@ def find_latest(output_dir: Path) -> Path | None:
             return named
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def resume_candidates(output_dir: Path) -> list[Path]:
+    """Complete checkpoints to try for a resume, best first: the one :func:`find_latest` picks, then the
+    others from the highest step down."""
+    latest = find_latest(output_dir)
+    rest = [p for p in reversed(list_checkpoints(output_dir)) if p != latest]
+    return ([latest] if latest is not None else []) + rest
 
 
 def prune(output_dir: Path, keep: int | None) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vmad.errors import ConfigError
+from vmad.errors import ConfigError, VMADError
 from vmad.model.dssl import resolve_gather_memory
 from vmad.tensor_io import save_safetensors
 from vmad.train import checkpoint as ckpt
@@ -422,25 +422,75 @@ class Trainer:
         return lr
 
     # ------------------------------------------------------------------ loop
+    def _resume_from_usable(self, overwrite: bool) -> Path | None:
+        """Load the newest complete checkpoint whose files can be read (see :meth:`fit`); None when there is
+        no complete checkpoint at all, or (with ``overwrite``) none is usable."""
+        candidates = ckpt.resume_candidates(self.out)
+        skipped, touched = [], False  # touched: a failed load may have changed the weights or optimizer
+        for path in candidates:
+            reason = ckpt.unreadable_reason(path)
+            if reason is None:
+                try:
+                    self.load_checkpoint(path)
+                except ConfigError:  # the config does not match: the user's to fix, not a damaged file
+                    raise
+                except (VMADError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+                    reason, touched = f"cannot be loaded ({exc})", True
+                else:
+                    if skipped and self.acc.is_main_process:
+                        print(f"resuming from {path.name}, the newest usable checkpoint", file=sys.stderr)
+                    return path
+            skipped.append(f"{path.name}: {reason}")
+            if self.acc.is_main_process:
+                print(f"skipping checkpoint {path}: {reason}", file=sys.stderr)
+        if not candidates:
+            if self.acc.is_main_process:
+                print(f"no complete checkpoint in {self.out}; starting from step 0", file=sys.stderr)
+            return None
+        if not overwrite or touched:  # never silently discard checkpoints that might still be repaired
+            raise VMADError(
+                f"{self.out}: no usable checkpoint to resume from ({'; '.join(skipped)}); run with "
+                "--overwrite (without --resume) to delete them and start again from step 0"
+            )
+        if self.acc.is_main_process:
+            print(f"no usable checkpoint in {self.out}; starting from step 0 (--overwrite)", file=sys.stderr)
+        return None
+
+    def _start(self, resume: bool, overwrite: bool) -> Path | None:
+        """Clean up after a killed run, resume (or check the folder is fresh and prefill DSSL), trim the
+        log to the resumed step and write ``train_config.json``; returns the checkpoint resumed from."""
+        acc = self.acc
+        if acc.is_main_process:
+            for line in ckpt.clean_stale(self.out, FINAL_DIR):
+                print(f"{self.out}: {line}", file=sys.stderr)
+        acc.wait_for_everyone()
+        resumed = self._resume_from_usable(overwrite) if resume else None
+        if resumed is None:
+            self._check_fresh(overwrite or resume)
+            if self.dssl is not None and self.cfg.train.dssl_prefill:
+                self._prefill()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._truncate_log(self.out / LOG_NAME)
+        if acc.is_main_process:
+            ckpt.write_text_atomic(self.out / "train_config.json", json.dumps(self._config_dict(), indent=1))
+        return resumed
+
     def fit(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+        """Train to ``total_steps`` (or ``train.stop_after``), saving checkpoints and ``final/``.
+
+        Temporary folders left by a killed run (``.checkpoint-N.tmp`` / ``.old``, ``.final.tmp`` / ``.old``)
+        are removed first (a checkpoint cut between its two renames is finished or put back). With
+        ``resume``, training continues from the newest complete checkpoint whose files can all be read: a
+        damaged one (truncated or corrupt safetensors, bad JSON) is skipped with a line on stderr naming it
+        and why, and the next older one is tried. With no complete checkpoint at all, training starts from
+        step 0 (said on stderr). When checkpoints exist but none is usable, the run is refused (VMADError)
+        rather than deleting them, unless ``overwrite`` is also given: then it starts from step 0. A config
+        that differs from the checkpoint's is an error, not a reason to fall back."""
         from tqdm import tqdm
 
         acc, t = self.acc, self.cfg.train
-        resumed = ckpt.find_latest(self.out) if resume else None
-        if resumed is not None:
-            self.load_checkpoint(resumed)
-        elif resume and acc.is_main_process:
-            print(f"no complete checkpoint in {self.out}; starting from step 0", file=sys.stderr)
-        if resumed is None:
-            self._check_fresh(overwrite or resume)
-            if self.dssl is not None and t.dssl_prefill:
-                self._prefill()
-        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = self._start(resume, overwrite)
         log_path = self.out / LOG_NAME
-        self._truncate_log(log_path)
-        if acc.is_main_process:
-            ckpt.write_text_atomic(self.out / "train_config.json", json.dumps(self._config_dict(), indent=1))
-
         self.training_module.train()
         stream = self._stream()
         params = [p for p in self.training_module.parameters() if p.requires_grad]
