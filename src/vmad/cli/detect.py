@@ -11,6 +11,11 @@ before anything is written), and each summary row names exactly the files writte
 The output folder is created and checked writable (a probe file) before the model loads; the question, when
 given, must not be empty. Unreadable images are reported on stderr, listed with their error and skipped; the
 exit status is non-zero only when no image could be processed.
+
+Large images: an image of more than ``--max-pixels`` pixels (default 4194304 = 2048 x 2048) is decoded at a
+reduced size (integer factor) and the model runs on that; its mask and overlay are written at the image's
+own size (upsampled), and its summary row records ``"downscaled": true`` and ``"processed_size": [h, w]``
+(the size the model saw; ``false`` / None for the others, which are processed at full size as before).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +72,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=4, metavar="B", help="images per forward (4)")
     parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="answer length limit")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay heat-map opacity (0.5)")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=4_194_304,
+        metavar="N",
+        help="images with more than N pixels (H*W) are decoded and processed at a reduced size; mask and "
+        "overlay are still written at the image's size (default 4194304 = 2048x2048)",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -167,6 +180,8 @@ _IMAGE_FIELDS: tuple[str, ...] = (
     "mask_from",
     "height",
     "width",
+    "downscaled",
+    "processed_size",
 )
 
 
@@ -232,6 +247,7 @@ def _checked_config(args: argparse.Namespace) -> DetectorConfig:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
+        max_pixels=getattr(args, "max_pixels", 4_194_304),
     ).validate()
     config.torch_device()  # e.g. --device cuda on a CPU-only torch: one error line, before any work
     if not 0.0 <= args.alpha <= 1.0:
@@ -270,19 +286,25 @@ class _ImageOutputs:
         self.rows[index]["error"] = message
         tqdm.write(f"skipped: {message}", file=sys.stderr)
 
-    def read(self, start: int, stop: int) -> tuple[list[int], list[np.ndarray]]:
-        """Indices and pixels of the readable images among ``files[start:stop]``; the others are skipped."""
-        from vmad.data import read_image
+    def read(
+        self, start: int, stop: int, max_pixels: int | None = None
+    ) -> tuple[list[int], list[np.ndarray], list[tuple[int, int]]]:
+        """Indices, pixels and file sizes (H, W) of the readable images among ``files[start:stop]``; the
+        others are skipped. Images above ``max_pixels`` are decoded at a reduced size."""
+        from vmad.data.io import read_image_bounded
         from vmad.errors import DataError
 
-        indices, images = [], []
+        indices, images, sizes = [], [], []
         for index in range(start, stop):
             try:
-                images.append(read_image(self.files[index]))
-                indices.append(index)
+                pixels, size = read_image_bounded(self.files[index], max_pixels)
             except DataError as exc:
                 self.skip(index, str(exc))
-        return indices, images
+                continue
+            images.append(pixels)
+            sizes.append(size)
+            indices.append(index)
+        return indices, images, sizes
 
     def save(self, index: int, image: np.ndarray, detection: Detection) -> None:
         """Write image ``index``'s mask and overlay, fill its summary row; print a line unless --json."""
@@ -292,9 +314,14 @@ class _ImageOutputs:
 
         mask_path, overlay_path = output_paths(self.stems[index])
         try:
-            save_png(self.out_dir / mask_path, detection.mask)
-            heat_map = overlay(image, detection.probability_map, detection.mask, self.args.alpha)
-            save_png(self.out_dir / overlay_path, heat_map)
+            if detection.downscaled:  # written strip by strip; overlay drawn small, then upsampled
+                small = overlay(image, detection.probability_map, detection.processed_mask, self.args.alpha)
+                write_png_strips(self.out_dir / mask_path, _mask_strips(detection.mask))
+                write_png_strips(self.out_dir / overlay_path, _upsampled_strips(small, detection.size))
+            else:
+                save_png(self.out_dir / mask_path, detection.mask)
+                heat_map = overlay(image, detection.probability_map, detection.mask, self.args.alpha)
+                save_png(self.out_dir / overlay_path, heat_map)
         except OSError as exc:
             self.skip(index, f"{self.files[index]}: cannot write outputs ({exc})")
             return
@@ -308,6 +335,8 @@ class _ImageOutputs:
             mask_from=detection.mask_from,
             height=int(detection.mask.shape[0]),
             width=int(detection.mask.shape[1]),
+            downscaled=detection.downscaled,
+            processed_size=list(detection.processed_size) if detection.processed_size else None,
         )
         if not self.args.json:
             answer = f"  {detection.answer!r}" if detection.answer is not None else ""
@@ -315,6 +344,79 @@ class _ImageOutputs:
                 f"{self.files[index]}  score {detection.anomaly_score:.4f}  "
                 f"mask {100.0 * detection.mask.mean():.1f}%{answer}"
             )
+
+
+_STRIP_ROWS = 512
+
+
+def _mask_strips(mask: np.ndarray) -> Iterator[np.ndarray]:
+    """(rows, W) uint8 0/255 strips of a bool mask."""
+    import numpy as np
+
+    for y0 in range(0, mask.shape[0], _STRIP_ROWS):
+        yield np.multiply(mask[y0 : y0 + _STRIP_ROWS], 255, dtype=np.uint8)
+
+
+def _upsampled_strips(small: np.ndarray, size: tuple[int, int]) -> Iterator[np.ndarray]:
+    """(rows, W, 3) uint8 strips of ``small`` bilinearly upsampled to ``size`` (H, W): each strip is the
+    matching rows of one full PIL resize (``box``), so no full-size image is held."""
+    import numpy as np
+    from PIL import Image
+
+    height, width = size
+    im = Image.fromarray(small)
+    sy = small.shape[0] / height
+    for y0 in range(0, height, _STRIP_ROWS):
+        y1 = min(height, y0 + _STRIP_ROWS)
+        box = (0.0, y0 * sy, float(small.shape[1]), y1 * sy)
+        yield np.asarray(im.resize((width, y1 - y0), Image.Resampling.BILINEAR, box=box))
+
+
+def write_png_strips(path: Path, strips: Iterable[np.ndarray]) -> Path:
+    """Write an 8-bit greyscale ((rows, W) strips) or RGB ((rows, W, 3) strips) PNG from row strips,
+    streaming (zlib level 6, no row filter), atomically like ``render.save_png``; used for downscaled
+    images, whose outputs are written at the image's (large) size."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    from vmad.atomic import atomic_path
+
+    def chunk(fh: Any, kind: bytes, data: bytes) -> None:
+        fh.write(struct.pack(">I", len(data)) + kind + data)
+        fh.write(struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iterator = iter(strips)
+    first = next(iterator)
+    colour = 2 if first.ndim == 3 else 0
+    width = first.shape[1]
+    rows = [first]
+    height = 0
+    with atomic_path(path, fsync=False) as tmp, open(tmp, "xb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n")
+        header_at = fh.tell()
+        chunk(fh, b"IHDR", struct.pack(">IIBBBBB", width, 1, 8, colour, 0, 0, 0))  # height patched below
+        comp = zlib.compressobj(6)
+        for strip in _chain(rows, iterator):
+            height += strip.shape[0]
+            raw = strip.reshape(strip.shape[0], -1)
+            lines = np.zeros((raw.shape[0], raw.shape[1] + 1), dtype=np.uint8)  # column 0: filter type 0
+            lines[:, 1:] = raw
+            data = comp.compress(lines)
+            if data:
+                chunk(fh, b"IDAT", data)
+        chunk(fh, b"IDAT", comp.flush())
+        chunk(fh, b"IEND", b"")
+        fh.seek(header_at)
+        chunk(fh, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0))
+    return path
+
+
+def _chain(*parts: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    for part in parts:
+        yield from part
 
 
 def _detect_in_batches(detector: Detector, outputs: _ImageOutputs, batch_size: int) -> None:
@@ -326,9 +428,11 @@ def _detect_in_batches(detector: Detector, outputs: _ImageOutputs, batch_size: i
     bar = tqdm(total=n_files, unit="img", disable=True if args.no_progress or n_files == 1 else None)
     try:
         for start in range(0, n_files, batch_size):
-            indices, images = outputs.read(start, min(start + batch_size, n_files))
+            indices, images, sizes = outputs.read(
+                start, min(start + batch_size, n_files), detector.config.max_pixels
+            )
             detections = detector.detect(
-                images, args.question, answer=args.answer, class_name=args.class_name
+                images, args.question, answer=args.answer, class_name=args.class_name, original_sizes=sizes
             )
             for index, image, detection in zip(indices, images, detections, strict=True):
                 outputs.save(index, image, detection)
@@ -354,6 +458,7 @@ def _build_summary(
         "question": question,
         "answer_mode": bool(args.answer),
         "threshold": config.threshold,
+        "max_pixels": config.max_pixels,
         "score_rule": detector.model.config.score.rule,
         "paths": "mask and overlay paths are relative to this file's folder",
         "n_images": len(rows),

@@ -17,6 +17,9 @@ Mask binarisation (stated once, used everywhere):
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -70,19 +73,72 @@ def list_images(folder: Path) -> list[Path]:
 def open_image(path: Path) -> Image.Image:
     """Open and fully decode ``path`` (truncated files fail here, not later: PIL's
     ``ImageFile.LOAD_TRUNCATED_IMAGES`` is held False while decoding)."""
+    with _decoding(path), Image.open(path) as im:
+        im.load()
+        return im.copy()
+
+
+@contextlib.contextmanager
+def _decoding(path: Path) -> Iterator[None]:
+    """Decode strictly (PIL's ``LOAD_TRUNCATED_IMAGES`` held False) and turn PIL's errors into a DataError
+    naming ``path``."""
     if not path.is_file():
         raise DataError(path, "file not found")
     saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
+        yield
     except UnidentifiedImageError:
         raise DataError(path, "not a readable image file") from None
     except _READ_ERRORS as exc:
         raise DataError(path, f"unreadable or truncated image ({exc})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def reduction_factor(height: int, width: int, max_pixels: int | None) -> int:
+    """The smallest integer factor ``f >= 1`` with ``ceil(H / f) * ceil(W / f) <= max_pixels`` (1 when the
+    image is at or below the limit, or ``max_pixels`` is None)."""
+    if max_pixels is None or height * width <= max_pixels:
+        return 1
+    f = max(1, math.ceil(math.sqrt(height * width / max(1, max_pixels))))
+    while math.ceil(height / f) * math.ceil(width / f) > max_pixels:
+        f += 1
+    return f
+
+
+def reduce_image(im: Image.Image, max_pixels: int | None) -> Image.Image:
+    """``im`` reduced by :func:`reduction_factor` (box average, ``Image.reduce``); ``im`` itself when it is
+    at or below ``max_pixels``. Modes ``reduce`` cannot handle (palette, 16-bit) go through RGB first."""
+    factor = reduction_factor(im.height, im.width, max_pixels)
+    if factor == 1:
+        return im
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGBA")
+    try:
+        return im.reduce(factor)
+    except ValueError:
+        return Image.fromarray(to_rgb_array(im)).reduce(factor)
+
+
+def read_image_bounded(path: str | Path, max_pixels: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """``(pixels, (H, W))``: the image as (h, w, 3) uint8 RGB with ``h * w <= max_pixels``, and its size in
+    the file. At or below the limit the pixels are exactly :func:`read_image`'s. Above it the image is
+    decoded at a reduced size: JPEG via ``Image.draft`` (the decoder's own 1/2, 1/4, 1/8 scaling), then
+    every format is box-reduced by an integer factor (:func:`reduce_image`), so no full-size copy is kept.
+    DataError naming the file when it cannot be read."""
+    path = Path(path)
+    with _decoding(path), Image.open(path) as im:
+        width, height = im.size
+        if reduction_factor(height, width, max_pixels) == 1:
+            im.load()
+            return to_rgb_array(im.copy()), (height, width)
+        if im.format == "JPEG":
+            factor = reduction_factor(height, width, max_pixels)
+            im.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
+        im.load()
+        small = reduce_image(im, max_pixels)
+        small = im.copy() if small is im else small
+    return to_rgb_array(small), (height, width)
 
 
 def image_shape(path: str | Path) -> tuple[int, int]:

@@ -4,6 +4,14 @@ An image travels ``Detector -> VMADModel.segment / generate`` (Eq. 1-5) and come
 :class:`Detection`: the mask probability map at the input size, the binary mask, the image score and, in
 answer mode, the generated text. The model is loaded once per :class:`Detector`.
 
+Large images (OURS): an image of more than ``DetectorConfig.max_pixels`` pixels (default 2048 x 2048) is
+reduced by an integer factor (box average) before any model work; files are decoded at the reduced size
+(:func:`vmad.data.io.read_image_bounded`: JPEG draft mode, then ``Image.reduce``). Its Detection's ``mask`` is
+at the input size (the reduced probability map upsampled bilinearly, then thresholded, strip by strip), but
+its ``probability_map`` stays at the reduced size (``processed_size``; :meth:`Detection.full_probability_map`
+upsamples it) and the image score is computed at the reduced size. Images at or below the limit are
+processed exactly as without it.
+
 Rules (OURS unless stated; every value is a :class:`DetectorConfig` field):
 
 - Questions. Segmentation-only mode asks the paper's segmentation-only template (Sec. V-A.2) with the object
@@ -29,7 +37,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +46,7 @@ import torch
 from PIL import Image
 
 from vmad.config import check_choices, from_mapping
-from vmad.data.io import read_image, to_rgb_array
+from vmad.data.io import read_image, read_image_bounded, reduce_image, reduction_factor, to_rgb_array
 from vmad.data.prompts import QUERY_TYPES, SEG_ANSWER_QUESTION, SEG_QUESTION
 from vmad.data.text import describe_location, describe_size, mask_facts, number_word, object_name
 from vmad.errors import ConfigError, VMADError
@@ -69,6 +77,8 @@ class DetectorConfig:
         default_object: object name used in the default questions when no class name is given.
         device: ``auto`` (CUDA when available, else CPU), or a torch device string; :meth:`torch_device`
             refuses (ConfigError) a CUDA / MPS device this torch cannot use.
+        max_pixels: images with more pixels (H * W) are reduced below this before the model runs (see the
+            module rules on large images); default 4_194_304 = 2048 x 2048.
     """
 
     threshold: float = 0.5
@@ -77,6 +87,7 @@ class DetectorConfig:
     answer_query: AnswerQuery = "description"
     default_object: str = "object"
     device: str = "auto"
+    max_pixels: int = 4_194_304
 
     def validate(self) -> DetectorConfig:
         if not 0.0 <= self.threshold <= 1.0:
@@ -85,6 +96,8 @@ class DetectorConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
         check_choices(self, "detector")
         if not self.default_object.strip():
             raise ConfigError("default_object must not be empty")
@@ -119,9 +132,13 @@ def check_device_available(dev: torch.device, name: str | None = None) -> None:
 
 @dataclass
 class Detection:
-    """One image's result. ``mask`` (H, W) bool and ``probability_map`` (H, W) float32 are at the input
-    image's size; ``answer`` is the generated text (None in segmentation-only mode); ``source`` the image
-    file (None for arrays); ``mask_from``: ``"segment"`` or ``"answer"`` (see the module rules)."""
+    """One image's result. ``mask`` (H, W) bool is at the input image's size; ``probability_map`` float32
+    is at the input size too, except for an image above ``DetectorConfig.max_pixels``, which was reduced
+    before the model ran: then ``processed_size`` is the reduced (h, w), ``probability_map`` is (h, w) (use
+    :meth:`full_probability_map` for the input size) and ``processed_mask`` is its thresholded (h, w) mask;
+    ``processed_size`` is None otherwise. ``answer`` is the generated text (None in segmentation-only mode);
+    ``source`` the image file (None for arrays); ``mask_from``: ``"segment"`` or ``"answer"`` (see the
+    module rules)."""
 
     anomaly_score: float
     mask: np.ndarray
@@ -130,6 +147,20 @@ class Detection:
     source: str | None = None
     question: str = ""
     mask_from: str = "segment"
+    processed_size: tuple[int, int] | None = None
+    processed_mask: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def downscaled(self) -> bool:
+        """True when the image was reduced before the model ran (see the class docstring)."""
+        return self.processed_size is not None
+
+    def full_probability_map(self) -> np.ndarray:
+        """``probability_map`` at the input size (bilinear upsampling for a downscaled image; else the map
+        itself)."""
+        if not self.downscaled:
+            return self.probability_map
+        return _upsample(self.probability_map, self.size)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -140,14 +171,27 @@ class Detection:
     def mask_description(self) -> str:
         """What the predicted mask shows, computed from the mask alone (not the LLM's words): regions
         (8-connected), where on a 3x3 grid, and their extent."""
-        facts = mask_facts(self.mask)
+        facts = self._facts()
         if facts is None:
             return "The mask is empty: no pixel is above the threshold."
         regions = "one region" if facts.count == 1 else f"{number_word(facts.count)} regions"
         return f"The mask marks {regions} at {describe_location(facts)} ({describe_size(facts)})."
 
+    def _facts(self) -> Any:
+        """Mask facts; for a downscaled image from the reduced mask (cheap), area and box scaled to the
+        input size."""
+        if self.processed_mask is None:
+            return mask_facts(self.mask)
+        facts = mask_facts(self.processed_mask)
+        if facts is None:
+            return None
+        (h, w), (height, width) = self.processed_mask.shape, self.size
+        sy, sx = height / h, width / w
+        box = (round(facts.box[0] * sx), round(facts.box[1] * sy))
+        return replace(facts, area=int(self.mask.sum()), box=box)
+
     def summary(self) -> dict[str, Any]:
-        """JSON-ready fields (no arrays)."""
+        """JSON-ready fields (no arrays); ``processed_size`` is [h, w] for a downscaled image, else None."""
         return {
             "source": self.source,
             "score": float(self.anomaly_score),
@@ -158,6 +202,8 @@ class Detection:
             "question": self.question,
             "answer": self.answer,
             "mask_description": self.mask_description,
+            "downscaled": self.downscaled,
+            "processed_size": list(self.processed_size) if self.processed_size else None,
         }
 
 
@@ -203,6 +249,64 @@ def _unit_range(t: torch.Tensor, what: str) -> torch.Tensor:
             "(divide 0-255 data by 255, or give uint8)"
         )
     return t
+
+
+_STRIP_ROWS = 512
+
+
+def _upsample(probs: np.ndarray, size: tuple[int, int], threshold: float | None = None) -> np.ndarray:
+    """(h, w) float32 probabilities bilinearly upsampled to ``size`` (H, W) (PIL, strip by strip, each strip
+    the matching rows of one full resize); with ``threshold``, the (H, W) bool ``> threshold`` instead, so
+    no full-size float map is ever held."""
+    height, width = size
+    h, w = probs.shape
+    im = Image.fromarray(np.ascontiguousarray(probs, dtype=np.float32))
+    out = np.empty((height, width), dtype=np.float32 if threshold is None else bool)
+    sy = h / height
+    for y0 in range(0, height, _STRIP_ROWS):
+        y1 = min(height, y0 + _STRIP_ROWS)
+        strip = np.asarray(
+            im.resize((width, y1 - y0), Image.Resampling.BILINEAR, box=(0.0, y0 * sy, float(w), y1 * sy))
+        )
+        out[y0:y1] = strip if threshold is None else strip > threshold
+    return out
+
+
+def _reduce_tensor(t: torch.Tensor, max_pixels: int) -> torch.Tensor:
+    """[3, H, W] float reduced below ``max_pixels`` (area average); ``t`` itself at or below the limit."""
+    height, width = t.shape[-2:]
+    factor = reduction_factor(height, width, max_pixels)
+    if factor == 1:
+        return t
+    size = (-(-height // factor), -(-width // factor))
+    return torch.nn.functional.interpolate(t[None].float(), size=size, mode="area")[0]
+
+
+def _load(image: ImageInput, max_pixels: int | None) -> tuple[torch.Tensor, str | None, tuple[int, int]]:
+    """:func:`_as_tensor` with the large-image guard: ``(tensor at most max_pixels, source, input (H, W))``.
+    Files are decoded at a bounded size; PIL images and uint8 arrays are reduced before conversion to float;
+    other inputs after."""
+    if isinstance(image, (str, Path)):
+        arr, size = read_image_bounded(image, max_pixels)
+        t, _ = _as_tensor(arr)
+        return t, str(image), size
+    if max_pixels is None:
+        t, source = _as_tensor(image)
+        return t, source, tuple(t.shape[-2:])  # type: ignore[return-value]
+    if isinstance(image, Image.Image):
+        size = (image.height, image.width)
+        t, source = _as_tensor(reduce_image(image, max_pixels))
+        return t, source, size
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
+        size = (int(image.shape[0]), int(image.shape[1]))
+        if reduction_factor(*size, max_pixels) > 1 and (image.ndim == 2 or image.shape[2] in (1, 3, 4)):
+            arr = image[:, :, :3] if image.ndim == 3 and image.shape[2] >= 3 else image.reshape(size)
+            t, source = _as_tensor(np.array(reduce_image(Image.fromarray(np.ascontiguousarray(arr)),
+                                                         max_pixels)))
+            return t, source, size
+    t, source = _as_tensor(image)
+    size = tuple(t.shape[-2:])
+    return _reduce_tensor(t, max_pixels), source, size  # type: ignore[return-value]
 
 
 def _as_tensor(image: ImageInput) -> tuple[torch.Tensor, str | None]:
@@ -310,16 +414,25 @@ class Detector:
         class_name: str | None = None,
         *,
         max_new_tokens: int | None = None,
+        original_sizes: Sequence[tuple[int, int] | None] | None = None,
     ) -> list[Detection]:
         """Detect anomalies in one image or a list (paths, (H, W[, 3]) uint8 arrays, PIL images, [3, H, W]
         tensors in [0, 1]; pixel values are checked as :func:`_as_tensor` says: NaN / inf, out-of-range floats
         and integers outside 0-255 raise VMADError). ``question`` None = :meth:`default_question`; an empty
         question is a VMADError. ``answer`` False = segmentation only (one forward); True = generated answer
         + mask (see the module rules). One Detection per image, in order; ``Detection.question`` is the
-        question asked."""
+        question asked. Images above ``config.max_pixels`` are reduced first (module rules on large
+        images). ``original_sizes`` (one (H, W) or None per image) is for callers that reduced an image
+        themselves (e.g. :func:`vmad.data.io.read_image_bounded`): the mask is returned at that size."""
         _check_question(question)
         items = [images] if _is_single(images) else list(images)  # type: ignore[arg-type]
-        loaded = [_as_tensor(x) for x in items]
+        limit = self.config.max_pixels
+        loaded = [_load(x, limit) for x in items]
+        if original_sizes is not None:
+            if len(original_sizes) != len(loaded):
+                raise VMADError(f"original_sizes has {len(original_sizes)} entries for {len(loaded)} images")
+            loaded = [(t, s, tuple(o) if o is not None else hw)
+                      for (t, s, hw), o in zip(loaded, original_sizes, strict=True)]
         q = question if question is not None else self.default_question(class_name, answer)
         fallback_q = self.default_question(class_name, answer=False)
         tokens = max_new_tokens or self.config.max_new_tokens
@@ -331,33 +444,54 @@ class Detector:
                 groups.setdefault(tuple(loaded[i][0].shape[-2:]), []).append(i)
             for idx in groups.values():
                 batch = torch.stack([loaded[i][0] for i in idx])
+                sizes = [loaded[i][2] for i in idx]
+                # sizes only for reduced images: full-size ones take exactly the former path
+                extra = {} if all(s == tuple(batch.shape[-2:]) for s in sizes) else {"sizes": sizes}
                 results = (
-                    self._answer(batch, q, fallback_q, tokens) if answer else self._segment(batch, q)
+                    self._answer(batch, q, fallback_q, tokens, **extra)
+                    if answer else self._segment(batch, q, **extra)
                 )
                 for i, det in zip(idx, results, strict=True):
                     det.source = loaded[i][1]
                     out[i] = det
         return out  # type: ignore[return-value]
 
-    def _detection(self, probs: torch.Tensor, score: float, question: str, **kw: Any) -> Detection:
+    def _detection(
+        self, probs: torch.Tensor, score: float, question: str, size: tuple[int, int] | None = None, **kw: Any
+    ) -> Detection:
         p = probs.detach().float().cpu().numpy().astype(np.float32, copy=False)
-        return Detection(float(score), p > self.config.threshold, p, question=question, **kw)
+        mask = p > self.config.threshold
+        if size is None or tuple(size) == p.shape:
+            return Detection(float(score), mask, p, question=question, **kw)
+        full = _upsample(p, size, self.config.threshold)
+        return Detection(float(score), full, p, question=question, processed_size=p.shape,  # type: ignore[arg-type]
+                         processed_mask=mask, **kw)
 
-    def _segment(self, images: torch.Tensor, question: str) -> list[Detection]:
+    def _segment(
+        self, images: torch.Tensor, question: str, sizes: Sequence[tuple[int, int] | None] | None = None
+    ) -> list[Detection]:
+        sizes = sizes or [None] * len(images)
         res = self.model.segment(images, question)
-        return [self._detection(res.probs[i], float(res.scores[i]), question) for i in range(len(images))]
+        return [self._detection(res.probs[i], float(res.scores[i]), question, sizes[i])
+                for i in range(len(images))]
 
-    def _answer(self, images: torch.Tensor, question: str, fallback: str, tokens: int) -> list[Detection]:
+    def _answer(
+        self, images: torch.Tensor, question: str, fallback: str, tokens: int,
+        sizes: Sequence[tuple[int, int] | None] | None = None,
+    ) -> list[Detection]:
+        sizes = sizes or [None] * len(images)
         gen = self.model.generate(images, question, max_new_tokens=tokens)
         missing = [i for i, p in enumerate(gen.probs) if p is None]
         seg = self.model.segment(images[missing], fallback) if missing else None
         out = []
         for i in range(len(images)):
             if gen.probs[i] is not None:
-                det = self._detection(gen.probs[i], float(gen.scores[i]), question, mask_from="answer")
+                det = self._detection(
+                    gen.probs[i], float(gen.scores[i]), question, sizes[i], mask_from="answer"
+                )
             else:
                 j = missing.index(i)
-                det = self._detection(seg.probs[j], float(seg.scores[j]), question)  # type: ignore[union-attr]
+                det = self._detection(seg.probs[j], float(seg.scores[j]), question, sizes[i])  # type: ignore[union-attr]
             det.answer = gen.texts[i]
             out.append(det)
         return out
@@ -381,10 +515,10 @@ class Detector:
         :class:`ChatTurn` carries the updated history. The mask follows the answer-mode rule."""
         _check_question(question)
         history = list(history or [])
-        tensor, source = _as_tensor(image)
+        tensor, source, size = _load(image, self.config.max_pixels)
         folded = self.fold_history(history, question)
         tokens = max_new_tokens or self.config.max_new_tokens
-        [det] = self._answer(tensor[None], folded, self.default_question(class_name), tokens)
+        [det] = self._answer(tensor[None], folded, self.default_question(class_name), tokens, [size])
         det.source, det.question = source, question
         reply = det.answer or ""
         return ChatTurn(question, reply, det, [*history, (question, reply)])
@@ -416,7 +550,7 @@ class VMADScorer:
         dets = self.detector.detect(list(images), class_name=class_name)  # type: ignore[union-attr]
         return ScoreOutput(
             image_scores=np.array([d.anomaly_score for d in dets], dtype=np.float64),
-            anomaly_maps=[d.probability_map for d in dets],  # type: ignore[arg-type]
+            anomaly_maps=[d.full_probability_map() for d in dets],  # type: ignore[arg-type]
         )
 
     def _score_config(self) -> dict[str, Any]:
