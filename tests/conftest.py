@@ -99,3 +99,17 @@ def smol_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop("VMAD_CACHE", None)
     else:
         os.environ["VMAD_CACHE"] = previous
+
+
+@pytest.fixture(scope="module")
+def tiny_model():  # noqa: ANN201
+    """The random tiny VMAD model in eval mode (one per test module)."""
+    from vmad.model.build import build_vmad
+
+    return build_vmad("tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: ANN001
+    """``tiny_model`` saved as a ``--model`` folder named like training's ``final/``."""
+    return tiny_model.save_trainable(tmp_path_factory.mktemp("ckpt") / "final")

@@ -246,3 +246,11 @@ def tiny_overrides(data: Path, out: Path, steps: int, **extra: object) -> list[s
         **extra,
     }
     return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]
+
+
+def save_random_image(path: Path, shape: tuple[int, ...], seed: int = 0, **save_options: Any) -> Path:
+    """A random uint8 image of ``shape`` ((H, W) or (H, W, C)) saved to ``path`` (folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    Image.fromarray(pixels).save(path, **save_options)
+    return path

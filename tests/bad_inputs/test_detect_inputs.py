@@ -22,23 +22,7 @@ from vmad.cli import detect as detect_cli
 from vmad.cli import main
 from vmad.errors import ConfigError, VMADError
 from vmad.infer.detector import Detector, DetectorConfig
-from vmad.model.build import build_vmad
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return build_vmad("tiny").eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
-    return tiny_model.save_trainable(tmp_path_factory.mktemp("ckpt") / "tiny")
-
-
-def _save(path: Path, shape: tuple[int, ...], seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)).save(path)
-    return path
+from vmad_testing import save_random_image
 
 
 def _detect(*argv: str) -> int:
@@ -106,7 +90,7 @@ def test_detect_folder_keeps_every_result_and_summary_describes_its_own_file(tin
     sizes = {}
     for i, name in enumerate(names):  # a different size per image: an overwritten mask shows up
         sizes[name] = (12 + 4 * i, 20 + 2 * i)
-        _save(root / name, (*sizes[name], 3), seed=i)
+        save_random_image(root / name, (*sizes[name], 3), seed=i)
     out = tmp_path / "out"
     assert _detect(str(root), "--model", str(tiny_ckpt), "--out", str(out), "--no-answer") == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -150,7 +134,7 @@ def _make_out(kind: str, tmp_path: Path, monkeypatch) -> Path:
 def test_bad_out_is_one_error_line_before_the_model_loads(
     tiny_ckpt, tmp_path, monkeypatch, capsys, no_model_load, kind
 ):
-    _save(tmp_path / "in" / "a.png", (16, 16, 3))
+    save_random_image(tmp_path / "in" / "a.png", (16, 16, 3))
     out = _make_out(kind, tmp_path, monkeypatch)
     try:
         rc = _detect(str(tmp_path / "in"), "--model", str(tiny_ckpt), "--out", str(out))
@@ -163,7 +147,7 @@ def test_bad_out_is_one_error_line_before_the_model_loads(
 
 
 def test_writable_out_is_created_and_left_without_probe(tiny_ckpt, tmp_path):
-    _save(tmp_path / "in" / "a.png", (16, 16, 3))
+    save_random_image(tmp_path / "in" / "a.png", (16, 16, 3))
     out = tmp_path / "new" / "deep" / "out"
     assert _detect(str(tmp_path / "in"), "--model", str(tiny_ckpt), "--out", str(out), "--no-answer") == 0
     assert sorted(p.name for p in out.iterdir()) == ["a.png_mask.png", "a.png_overlay.png", "summary.json"]
@@ -175,7 +159,7 @@ def test_writable_out_is_created_and_left_without_probe(tiny_ckpt, tmp_path):
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
 def test_cuda_without_cuda_is_one_error_line(tiny_ckpt, tmp_path, monkeypatch, capsys, no_model_load, device):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    _save(tmp_path / "in" / "a.png", (16, 16, 3))
+    save_random_image(tmp_path / "in" / "a.png", (16, 16, 3))
     rc = _detect(
         str(tmp_path / "in"), "--model", str(tiny_ckpt), "--out", str(tmp_path / "o"), "--device", device
     )
@@ -200,7 +184,7 @@ def test_detector_config_refuses_missing_cuda_devices(monkeypatch):
 
 @pytest.mark.parametrize("question", ["", "   "])
 def test_empty_question_is_one_error_line(tiny_ckpt, tmp_path, capsys, no_model_load, question):
-    _save(tmp_path / "in" / "a.png", (16, 16, 3))
+    save_random_image(tmp_path / "in" / "a.png", (16, 16, 3))
     rc = _detect(
         str(tmp_path / "in"), "--model", str(tiny_ckpt), "--out", str(tmp_path / "o"), "--question", question
     )
@@ -218,7 +202,7 @@ def test_summary_records_the_question_asked(tiny_ckpt, tmp_path, monkeypatch, qu
         return real(self, images, q)
 
     monkeypatch.setattr(Detector, "_segment", spy)
-    _save(tmp_path / "in" / "a.png", (16, 16, 3))
+    save_random_image(tmp_path / "in" / "a.png", (16, 16, 3))
     extra = [] if question is None else ["--question", question]
     out = tmp_path / "o"
     assert (

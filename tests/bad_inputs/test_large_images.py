@@ -14,22 +14,7 @@ from PIL import Image
 from vmad.cli import main
 from vmad.data.io import read_image, read_image_bounded, reduction_factor
 from vmad.infer.detector import Detector, DetectorConfig
-from vmad.model.build import build_vmad
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    return build_vmad("tiny").save_trainable(tmp_path_factory.mktemp("ckpt") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return build_vmad("tiny")
-
-
-def _save(path: Path, shape: tuple[int, ...], seed: int = 0, **kw) -> Path:
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)).save(path, **kw)
-    return path
+from vmad_testing import save_random_image
 
 
 def _detect(*argv: str) -> int:
@@ -46,7 +31,7 @@ def test_reduction_factor_bounds_the_pixel_count() -> None:
 
 @pytest.mark.parametrize("ext", ["png", "jpg"])
 def test_large_file_is_decoded_at_a_bounded_size(tmp_path, ext, monkeypatch) -> None:
-    path = _save(tmp_path / f"big.{ext}", (120, 160, 3), 3)
+    path = save_random_image(tmp_path / f"big.{ext}", (120, 160, 3), 3)
     loads: list[tuple[int, int]] = []
     real_load = Image.Image.load
 
@@ -82,7 +67,7 @@ def test_detector_mask_at_input_size_probability_map_reduced(tiny_model) -> None
 
 
 def test_image_below_the_limit_is_unchanged(tiny_model, tmp_path) -> None:
-    path = _save(tmp_path / "small.png", (40, 56, 3), 5)
+    path = save_random_image(tmp_path / "small.png", (40, 56, 3), 5)
     limited = Detector(tiny_model, DetectorConfig(max_pixels=40 * 56))
     unlimited = Detector(tiny_model, DetectorConfig(max_pixels=10**12))
     for src in (path, read_image(path)):
@@ -96,8 +81,8 @@ def test_image_below_the_limit_is_unchanged(tiny_model, tmp_path) -> None:
 def test_cli_large_image_mask_at_original_size_and_summary_records_it(tiny_ckpt, tmp_path) -> None:
     root = tmp_path / "images"
     root.mkdir()
-    _save(root / "big.png", (100, 140, 3), 1)
-    _save(root / "small.png", (20, 30, 3), 2)
+    save_random_image(root / "big.png", (100, 140, 3), 1)
+    save_random_image(root / "small.png", (20, 30, 3), 2)
     out = tmp_path / "out"
     rc = _detect(str(root), "--model", str(tiny_ckpt), "--out", str(out), "--no-answer",
                  "--max-pixels", "2000")

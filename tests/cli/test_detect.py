@@ -11,26 +11,15 @@ from PIL import Image
 
 from vmad.cli import main
 from vmad.model import weights_io
-from vmad.model.build import build_vmad
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    return build_vmad("tiny").save_trainable(tmp_path_factory.mktemp("ckpt") / "tiny")
-
-
-def _save(path: Path, shape: tuple[int, ...], seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)).save(path)
-    return path
+from vmad_testing import save_random_image
 
 
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """3 images: RGB 32x24, grayscale 20x30 in a sub-folder, and a truncated PNG."""
     root = tmp_path / "images"
-    good = _save(root / "rgb.png", (24, 32, 3), 1)
-    _save(root / "sub" / "grey.png", (30, 20), 2)
+    good = save_random_image(root / "rgb.png", (24, 32, 3), 1)
+    save_random_image(root / "sub" / "grey.png", (30, 20), 2)
     (root / "broken.png").write_bytes(good.read_bytes()[:70])
     return root
 
@@ -83,9 +72,9 @@ def test_detect_json_and_no_answer(tiny_ckpt, image_folder, tmp_path, capsys):
 
 def test_nested_and_extension_clashes_keep_distinct_outputs(tiny_ckpt, tmp_path, capsys):
     root = tmp_path / "imgs"
-    _save(root / "a" / "x.png", (16, 16, 3), 1)
-    _save(root / "b" / "x.png", (16, 16, 3), 2)
-    _save(root / "b" / "x.jpg", (16, 16, 3), 3)
+    save_random_image(root / "a" / "x.png", (16, 16, 3), 1)
+    save_random_image(root / "b" / "x.png", (16, 16, 3), 2)
+    save_random_image(root / "b" / "x.jpg", (16, 16, 3), 3)
     out = root / "results"  # inside the input folder: never scanned as input
     for _ in range(2):
         assert _detect(str(root), "--model", str(tiny_ckpt), "--out", str(out), "--no-answer") == 0

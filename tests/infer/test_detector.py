@@ -4,7 +4,6 @@ model."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,17 +19,6 @@ from vmad.model.build import build_vmad
 from vmad.model.chat_format import ChatMLFormat
 from vmad.model.outputs import GenerationResult
 from vmad_testing import random_rgb
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return build_vmad("tiny").eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
-    return tiny_model.save_trainable(tmp_path_factory.mktemp("ckpt") / "final")
-
 
 # ------------------------------------------------------------------------------------------ detect
 
