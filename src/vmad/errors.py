@@ -20,3 +20,11 @@ class DataError(VMADError):
 
 class ConfigError(VMADError):
     """An invalid configuration key or value."""
+
+
+class VMADWarning(UserWarning):
+    """Something worked but probably not as meant; the CLI prints ``warning: <message>`` on one line."""
+
+
+class DataWarning(VMADWarning):
+    """A dataset was read without error but probably not as meant (e.g. no mask file matched)."""

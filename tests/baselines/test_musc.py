@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vmad.baselines import BASELINES, build_baseline
-from vmad.baselines.musc import MuScConfig, MuScScorer, lnamd, mutual_scores, rscin
+from vmad.baselines.musc import MuScConfig, MuScScorer, lnamd, mutual_scores, reference_scores, rscin
 from vmad.errors import ConfigError, VMADError
 from vmad.eval.scorer import Scorer
 
@@ -150,3 +150,59 @@ def test_registry_converts_options_and_rejects_unknowns() -> None:
         build_baseline("musc", image_size="big")
     with pytest.raises(ConfigError):
         build_baseline("musc", degrees="2")
+
+
+def naive_reference_scores(zq: torch.Tensor, zr: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Each query patch against every reference image: per-reference minima, sorted, interval mean."""
+    nq, p, c = zq.shape
+    nr = zr.shape[0]
+    d = torch.cdist(zq.reshape(-1, c).double(), zr.reshape(-1, c).double())
+    a = d.view(nq, p, nr, p).amin(dim=-1)
+    k_hi = max(1, int(nr * hi))
+    k_lo = min(int(nr * lo), k_hi - 1)
+    return a.sort(dim=-1).values[..., k_lo:k_hi].mean(dim=-1)
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(0.0, 0.3), (0.0, 1.0), (0.25, 0.75)])
+@pytest.mark.parametrize("chunk", [1, 50, 1 << 20])
+def test_reference_scores_equal_naive(lo: float, hi: float, chunk: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    zq, zr = torch.randn(4, 9, 6, generator=gen), torch.randn(5, 9, 6, generator=gen)
+    got = reference_scores(zq, zr, lo, hi, chunk_elems=chunk)
+    torch.testing.assert_close(got.double(), naive_reference_scores(zq, zr, lo, hi), rtol=1e-5, atol=1e-5)
+    # leave-one-out among references = mutual scoring among them with one reference fewer
+    loo = torch.stack([reference_scores(zr[i : i + 1], torch.cat([zr[:i], zr[i + 1 :]]), lo, hi)[0]
+                       for i in range(5)])
+    torch.testing.assert_close(loo, mutual_scores(zr, lo, hi), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="at least 1 reference"):
+        reference_scores(zq, zr[:0])
+
+
+def test_rscin_without_normalisation_keeps_ranking_and_units() -> None:
+    rng = np.random.default_rng(4)
+    s, g = rng.random(7) * 3 + 2, rng.normal(size=(7, 4))
+    raw, norm = rscin(s, g, (1, 2, 3), normalize=False), rscin(s, g, (1, 2, 3))
+    np.testing.assert_allclose((raw - s.min()) / (s.max() - s.min()), norm)  # affine: same ranking
+    assert s.min() <= raw.min() and raw.max() <= s.max()
+
+
+def test_maps_in_score_units_and_reference_mode() -> None:
+    def features(images):
+        x = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images])
+        pool = torch.nn.functional.avg_pool2d
+        return [pool(x, 4), pool(x, 8)], x.mean(dim=(2, 3))
+
+    scorer = MuScScorer(MuScConfig(image_size=64, grid_stride=4, rscin_k=(1, 2)), features=features)
+    scene = _scene(6, odd=4)
+    maps, scores = scorer.maps(scene)
+    ranked = scorer.score(scene, "toy").image_scores
+    assert maps.shape == (6, 64, 64) and np.argsort(scores).tolist() == np.argsort(ranked).tolist()
+    refs = scorer.reference_levels(scene[:3])
+    maps_r, scores_r = scorer.maps(scene[3:5], refs)
+    assert maps_r.shape == (2, 64, 64) and scores_r[1] > scores_r[0]  # scene[4] is the odd one
+    one, _ = scorer.maps(scene[4:5], refs)  # a single image against the references: batch-independent
+    np.testing.assert_allclose(one[0], maps_r[1], rtol=1e-5, atol=1e-6)
+    loo = scorer.leave_one_out_scores(refs)
+    assert loo.shape == (3,) and np.all(loo < scores_r[1])
+    with pytest.raises(ConfigError, match="at least 2 images"):
+        scorer.maps(scene[:1])

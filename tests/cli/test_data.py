@@ -122,3 +122,20 @@ def test_folder_mask_name_option(capsys, tmp_path: Path, data_factory) -> None:
     }
     rc, _, err = _run(capsys, str(root), "--mask-name", "{bad}.png")
     assert rc != 0 and len(err.splitlines()) == 1 and "mask_name" in err
+
+
+def test_mask_name_is_accepted_by_build_riad_and_eval(capsys, tmp_path: Path, data_factory) -> None:
+    root = tmp_path / "caps"
+    for name in ("x", "y", "z"):
+        data_factory.write_image(root / "images" / f"{name}.png")
+    data_factory.write_mask(root / "masks" / "x_mask.png")
+    out = tmp_path / "riad"
+    rc = main(["data", "build-riad", "--from", str(root), "--out", str(out), "--synthetic-per-normal", "0",
+               "--quiet", "--mask-name", "{stem}_mask.png"])
+    assert rc == 0
+    capsys.readouterr()
+    rc, printed, _ = _run(capsys, str(out), "--json")
+    counts = json.loads(printed)["classes"]["caps"]
+    assert (counts["normal"], counts["anomalous"]) == (2, 1)  # the x_mask.png mask was used
+    rc = main(["eval", "--baseline", "musc", "--data", str(root), "--data-opt", "folder.bogus=1"])
+    assert rc == 2 and "unknown data options.folder keys" in capsys.readouterr().err

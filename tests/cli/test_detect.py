@@ -109,3 +109,20 @@ def test_missing_input_and_out_equal_to_input(tiny_ckpt, image_folder, tmp_path,
     assert "no such image file or folder" in capsys.readouterr().err
     assert _detect(str(image_folder), "--model", str(tiny_ckpt), "--out", str(image_folder)) == 2
     assert "is the input folder" in capsys.readouterr().err
+
+
+def test_decoding_workers_do_not_change_the_outputs(tiny_ckpt, image_folder, tmp_path, capsys):
+    """--workers 2 (images decoded ahead in worker processes, batch of 2) writes what --workers 0 writes;
+    the unreadable image is still skipped with its error."""
+    summaries = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"out{workers}"
+        rc = _detect(str(image_folder), "--model", str(tiny_ckpt), "--out", str(out), "--batch-size", "2",
+                     "--workers", workers)
+        assert rc == 0
+        summaries.append(json.loads((out / "summary.json").read_text())["images"])
+    assert summaries[0] == summaries[1]
+    assert [r["error"] is None for r in summaries[0]] == [False, True, True]  # broken.png first (sorted)
+    assert _detect(str(image_folder), "--model", str(tiny_ckpt), "--out", str(tmp_path / "o"),
+                   "--workers", "-1") == 2
+    assert "--workers must be >= 0" in capsys.readouterr().err

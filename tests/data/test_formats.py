@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -254,8 +255,11 @@ def test_folder_single_class_mask_mapping(tmp_path: Path, data_factory) -> None:
     ds = load_dataset(root, options=_folder_options(mask_name="{stem}_gt.png"))
     assert ds.format == "folder" and ds.class_names() == ["parts"] and ds.splits() == ["test"]
     assert _counts(ds)["parts"] == {"normal": 3, "anomalous": 1, "masks": 1, "defect_types": {"defect": 1}}
-    # with the default mapping ({stem}.png) no mask is found: everything is normal
-    assert _counts(load_dataset(root))["parts"]["anomalous"] == 0
+    # with the default mapping ({stem}.png) no mask is found: everything is normal, with a warning
+    from vmad.errors import DataWarning
+
+    with pytest.warns(DataWarning, match=r"--mask-name '\{stem\}_gt.png'"):
+        assert _counts(load_dataset(root))["parts"]["anomalous"] == 0
 
 
 def _folder_options(**kwargs):
@@ -394,3 +398,41 @@ def test_parent_of_several_datasets_is_not_read_as_folder(
     with pytest.raises(DataError, match="holds several datasets"):
         load_dataset(tmp_path)
     assert set(DATA_FORMATS) == {"mvtec", "visa", "riad", "folder", "magnetic_tile", "mpdd", "neu_seg"}
+
+
+def test_folder_warns_when_no_mask_matches_and_suggests_the_template(tmp_path: Path, data_factory) -> None:
+    from vmad.data.dataset import data_options
+    from vmad.errors import DataWarning
+
+    root = tmp_path / "caps"
+    for name in ("x", "y"):
+        data_factory.write_image(root / "images" / f"{name}.png")
+        data_factory.write_mask(root / "masks" / f"{name}_mask.png")
+    with pytest.warns(DataWarning, match=r"none is named '\{stem\}.png'.*--mask-name '\{stem\}_mask.png'"):
+        ds = load_dataset(root)
+    assert _counts(ds)["caps"]["anomalous"] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the right template: no warning, both anomalous
+        ds = load_dataset(root, options=data_options("{stem}_mask.png"))
+    assert _counts(ds)["caps"]["anomalous"] == 2
+    # matched but blank masks (e.g. MPDD's normal images) are no mistake: no warning
+    for name in ("x", "y"):
+        data_factory.write_mask(root / "masks" / f"{name}.png", box=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _counts(load_dataset(root))["caps"]["anomalous"] == 0
+
+
+def test_data_options_from_command_line_pairs() -> None:
+    from vmad.data.dataset import data_options
+
+    opts = data_options("{stem}_m.png", ["folder.masks_dir=gt", "folder.normal_dirs=ok,fine",
+                                         "magnetic_tile.test_fraction=0.5"])
+    assert (opts.folder.mask_name, opts.folder.masks_dir, opts.folder.normal_dirs) == (
+        "{stem}_m.png", "gt", ("ok", "fine"))
+    assert opts.magnetic_tile.test_fraction == 0.5 and data_options() == data_options(None, [])
+    with pytest.raises(ConfigError, match="SECTION.FIELD=VALUE"):
+        data_options(None, ["mask_name=x"])
+    with pytest.raises(ConfigError, match="unknown data options.folder keys"):
+        data_options(None, ["folder.nope=1"])
+    assert FolderConfig().plain_split == "test" and FolderConfig(default_split="train").plain_split == "train"

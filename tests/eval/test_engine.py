@@ -239,3 +239,92 @@ def test_cli_model_that_does_not_exist(easy_root, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "some.ckpt: no such model folder" in err
+
+
+def test_results_store_image_and_pixel_thresholds(easy_root, tmp_path):
+    out = tmp_path / "out"
+    result = evaluate(MedianDiffScorer(), [load_dataset(easy_root)], out_dir=out, smoothing_sigma=0,
+                      progress=False)
+    res = json.loads((out / "results.json").read_text())
+    plate = res["classes"]["plate"]["thresholds"]
+    assert plate["fpr"] == 0.05 and "> threshold" in plate["rule"]
+    scores = [float(r.split(",")[3]) for r in (out / "image_scores.csv").read_text().splitlines()[1:]
+              if r.startswith("plate,")]
+    labels = [int(r.split(",")[2]) for r in (out / "image_scores.csv").read_text().splitlines()[1:]
+              if r.startswith("plate,")]
+    # the perfect scorer: the F1-max threshold separates the two classes exactly
+    t = plate["image"]["f1_max"]
+    assert all((s > t) == bool(y) for s, y in zip(scores, labels, strict=True))
+    assert plate["image"]["at_fpr"] == max(s for s, y in zip(scores, labels, strict=True) if y == 0)
+    assert plate["pixel"]["f1_max"] is not None and plate["pixel"]["at_fpr"] is not None
+    assert res["classes"]["rod"]["thresholds"]["image"] == {"f1_max": None, "at_fpr": None}
+    assert "thresholds" in res["settings"] and "plate: image F1-max" in result.markdown
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+class ChunkedMaxScorer:
+    """Scores images independently (anomaly map = grey level, image score = its max) and asks for
+    ``images_per_call`` images per call."""
+
+    name = "chunked-max"
+
+    def __init__(self, images_per_call: int | None) -> None:
+        self.images_per_call = images_per_call
+        self.calls: list[int] = []
+
+    def settings(self) -> dict:
+        return {}
+
+    def score(self, images, class_name):
+        self.calls.append(len(images))
+        maps = [im.astype(np.float32).mean(axis=2) for im in images]
+        return ScoreOutput(image_scores=np.array([m.max() for m in maps]), anomaly_maps=maps)
+
+
+def _metrics(result) -> dict:
+    return {k: {m: row[m] for m in KEYS} for k, row in result.results["classes"].items()}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_chunked_scorer_gets_its_batch_size_and_gives_the_same_results(easy_root, workers):
+    """A scorer with images_per_call is handed that many images per call (the decoding worker reading ahead
+    or not); the results equal those of the whole class in one call, image order kept."""
+    dataset = load_dataset(easy_root)
+    whole = evaluate(ChunkedMaxScorer(None), [dataset], smoothing_sigma=0, progress=False)
+    scorer = ChunkedMaxScorer(3)
+    chunked = evaluate(scorer, [dataset], smoothing_sigma=0, progress=False,
+                       settings=EvalSettings(smoothing_sigma=0, workers=workers))
+    assert sorted(scorer.calls) == sorted([3, 3, 2, 3, 3, 3])  # plate 8, disc 6, rod 3 images
+    assert _metrics(chunked) == _metrics(whole)
+    assert chunked.results["settings"]["workers"] == workers
+    with pytest.raises(VMADError, match="workers"):
+        EvalSettings(workers=-1).validate()
+
+
+def test_unreadable_image_is_one_error_line_with_workers(easy_root, tmp_path, capsys):
+    broken = easy_root / "plate" / "test" / "good" / "001.png"
+    broken.write_bytes(b"not a png")
+    code = main(["eval", "--baseline", "musc", "--data", str(easy_root), "--out", str(tmp_path / "o"),
+                 "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {broken}")
+
+
+def test_cli_model_batch_size_and_workers_do_not_change_results(tiny_ckpt, tmp_path, capsys):
+    root = tmp_path / "data"
+    _write_class(root, "plate", (40, 48), n_good=3, n_bad=3, seed=0)
+    results = []
+    for extra in (["--batch-size", "1", "--workers", "0"], ["--batch-size", "4", "--workers", "1"]):
+        out = tmp_path / f"out{extra[1]}"
+        code = main(["eval", "--model", str(tiny_ckpt), "--data", str(root), "--out", str(out),
+                     "--sigma", "0", "--no-progress", "--device", "cpu", *extra])
+        assert code == 0, capsys.readouterr().err
+        results.append(json.loads((out / "results.json").read_text()))
+    one, four = results
+    assert one["scorer"]["settings"]["batch_size"] == 1 and four["scorer"]["settings"]["batch_size"] == 4
+    for key in KEYS:
+        assert one["classes"]["plate"][key] == pytest.approx(four["classes"]["plate"][key], abs=1e-6)
+    code = main(["eval", "--baseline", "musc", "--data", str(root), "--batch-size", "2"])
+    assert code == 2 and "--batch-size and --device apply to --model" in capsys.readouterr().err

@@ -288,3 +288,51 @@ def test_bad_inputs_raise():
         M.aupro([np.zeros((4, 4))], [np.zeros((4, 5))])
     with pytest.raises(ValueError, match="fpr_limit"):
         M.aupro([np.eye(4)], [np.eye(4)], fpr_limit=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- thresholds
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_f1_max_threshold_reproduces_f1_max(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(60) < 0.4
+    labels[:2] = [True, False]
+    scores = rng.normal(size=60) + labels
+    if seed % 2:
+        scores = np.round(scores * 2) / 2  # ties
+    t = M.f1_max_threshold(labels, scores)
+    pred = scores > t
+    tp, fp, fn = (pred & labels).sum(), (pred & ~labels).sum(), (~pred & labels).sum()
+    assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(M.f1_max(labels, scores))
+    assert not np.any(scores == t)  # strictly between two scores (never on one)
+
+
+def test_thresholds_by_hand():
+    labels, scores = [0, 0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4, 0.35, 0.9]
+    assert M.f1_max_threshold(labels, scores) == pytest.approx(0.325)  # {0.35, 0.4, 0.9}: F1 0.8
+    assert M.fpr_threshold(labels, scores, 0.0) == pytest.approx(0.4)  # max normal
+    assert M.fpr_threshold(labels, scores, 0.25) == pytest.approx(0.3)  # one normal of four above
+    assert M.fpr_threshold(labels, scores, 0.2) == pytest.approx(0.4)  # floor(0.8) = 0 above
+    assert math.isnan(M.f1_max_threshold([0, 0], [0.1, 0.2]))
+    assert math.isnan(M.fpr_threshold([1, 1], [0.1, 0.2]))
+    with pytest.raises(ValueError, match="fpr"):
+        M.fpr_threshold(labels, scores, 1.0)
+
+
+def test_class_metrics_equal_the_separate_metrics_and_give_pixel_thresholds():
+    rng = np.random.default_rng(11)
+    masks = blob_masks(rng, [(12, 10)] * 4, p_region=1.0)
+    maps = noisy_maps(rng, masks)
+    labels = [int(m.any()) for m in masks]
+    labels[0] = 0
+    scores = [float(a.max()) for a in maps]
+    values, thr = M.class_metrics(labels, scores, masks, maps, 0.3, threshold_fpr=0.1)
+    assert values == {**M.image_metrics(labels, scores), **M.pixel_metrics(masks, maps, 0.3)}
+    y = np.concatenate([m.ravel() for m in masks]) != 0
+    s = np.concatenate([a.ravel() for a in maps])
+    assert thr["fpr"] == 0.1 and "> threshold" in thr["rule"]
+    assert thr["pixel"]["f1_max"] == pytest.approx(M.f1_max_threshold(y, s))
+    assert thr["pixel"]["at_fpr"] == pytest.approx(M.fpr_threshold(y, s, 0.1))
+    assert (s[~y] > thr["pixel"]["at_fpr"]).mean() <= 0.1
+    assert thr["image"] == M.image_thresholds(labels, scores, 0.1)

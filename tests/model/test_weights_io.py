@@ -133,3 +133,33 @@ def test_fine_tune_load_keeps_a_new_mask_prompt_fresh(tmp_path: Path) -> None:
     again = load_pretrained(tmp_path / "with_prompt")
     assert again.mask_prompt is not None
     torch.testing.assert_close(again.mask_prompt.mlp[-1].weight, model.mask_prompt.mlp[-1].weight)
+
+
+def test_training_output_folder_resolves_to_final_or_lists_checkpoints(tmp_path: Path) -> None:
+    from vmad.model.weights_io import CONFIG_NAME, WEIGHTS_NAME, resolve_model_path
+
+    def weights(folder: Path) -> Path:
+        folder.mkdir(parents=True)
+        (folder / CONFIG_NAME).write_text("{}")
+        (folder / WEIGHTS_NAME).write_bytes(b"x")
+        return folder
+
+    run = tmp_path / "run"
+    weights(run / "checkpoint-10" / "model")
+    weights(run / "checkpoint-2" / "model")
+    (run / "checkpoint-5").mkdir()  # no weights: not listed
+    with pytest.raises(VMADError) as err:
+        resolve_model_path(run)
+    message = str(err.value)
+    assert "without final/" in message and "--resume" in message
+    assert message.index("checkpoint-2") < message.index("checkpoint-10") and "checkpoint-5" not in message
+    assert resolve_model_path(run / "checkpoint-10" / "model") == run / "checkpoint-10" / "model"
+    final = weights(run / "final")
+    assert resolve_model_path(run) == final and resolve_model_path(str(run)) == final
+    empty_run = tmp_path / "empty"
+    empty_run.mkdir()
+    (empty_run / "log.jsonl").write_text("")
+    with pytest.raises(VMADError, match="no weights yet"):
+        resolve_model_path(empty_run)
+    with pytest.raises(VMADError, match=r"not a VMAD checkpoint folder \(missing config.json, model"):
+        resolve_model_path(tmp_path / "run" / "checkpoint-5")

@@ -51,3 +51,27 @@ def test_config_files_load() -> None:
         acc = yaml.safe_load((REPO / "configs" / "accelerate" / f"{name}.yaml").read_text())
         assert acc["num_processes"] == 8 and acc["mixed_precision"] == "bf16"
     assert acc["deepspeed_config"]["zero_stage"] == 2
+
+
+def test_packaged_configs_by_name_from_any_directory(tmp_path: Path, monkeypatch) -> None:
+    from vmad.cli.train import data_overrides
+    from vmad.train.config import packaged_configs, resolve_config_path
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    names = packaged_configs()
+    assert {"tiny", "small", "paper", "vmad_small", "vmad_small_stage2", "accelerate/ddp"} <= set(names)
+    assert all(p.is_file() and "vmad" in p.parts for p in names.values())  # inside the package
+    assert load_train_config("tiny") == load_train_config("tiny.yaml") == load_train_config(TINY)
+    assert resolve_config_path("accelerate/ddp").name == "ddp.yaml"
+    with pytest.raises(ConfigError, match=r"nope: no such config file.*names: .*tiny"):
+        load_train_config("nope")
+    local = tmp_path / "tiny"  # an existing file wins over the packaged name
+    local.write_text((REPO / "configs" / "tiny.yaml").read_text() + "output_dir: here\n")
+    assert load_train_config("tiny").output_dir == "here"
+    # reader options: --mask-name / --data-opt become data.options overrides, read as strings
+    sets = data_overrides("{stem}_mask.png", ["folder.masks_dir=gt"])
+    cfg = load_train_config(TINY, sets)
+    assert (cfg.data.options.folder.mask_name, cfg.data.options.folder.masks_dir) == ("{stem}_mask.png", "gt")
+    assert cfg.data.options.folder.default_split is None  # training reads a plain folder as "train"
+    with pytest.raises(ConfigError, match="SECTION.FIELD=VALUE"):
+        data_overrides(None, ["bad"])

@@ -27,6 +27,18 @@ Deviations / OURS (all configurable in :class:`MuScConfig`):
 - if (N-1) * topmin_max < 1, at least one image is kept in the interval (the official code would average an
   empty set).
 - image size ``image_size`` (paper: 518 for ViT-L/14 at 37 x 37 tokens).
+
+Two uses (OURS) beyond ``vmad eval``, for the one prediction API (:mod:`vmad.infer.baseline`):
+
+- :meth:`MuScScorer.maps` returns maps and image scores in the score's own units (patch-feature distances):
+  RsCIN is applied without its min-max normalisation (``rscin(..., normalize=False)``). The smoothing
+  matrix's rows sum to one, so the ranking, and every metric, is the one of the normalised scores, but a
+  score no longer depends on the batch's lowest and highest scores, and a threshold can be kept.
+- **Reference mode** (``references``: normal images of the object): each image is scored against the
+  references only (:func:`reference_scores`: a_ij over the references j, the same interval of the same
+  fractions), not against the other images, and without RsCIN; a single image can then be scored. Scoring
+  the references themselves leave-one-out (mutual scoring among them, no RsCIN) gives the same statistic
+  with one reference fewer: that is how a threshold is calibrated on them.
 """
 
 from __future__ import annotations
@@ -166,16 +178,47 @@ def mutual_scores(
     return out
 
 
-def rscin(scores: np.ndarray, global_feats: np.ndarray, k_list: Sequence[int] = (1, 2, 3)) -> np.ndarray:
+def reference_scores(
+    zq: Tensor, zr: Tensor, topmin_min: float = 0.0, topmin_max: float = 0.3, chunk_elems: int = 1 << 24
+) -> Tensor:
+    """Reference mode: zq (Nq, P, C) query and zr (Nr, P, C) reference patch features -> (Nq, P) scores.
+
+    a_ij(p) = min_q ||zq_i(p) - zr_j(q)|| for every reference j, then the mean of the sorted a_ij over the
+    ``topmin_min`` to ``topmin_max`` fractions of the Nr references (at least one kept), as
+    :func:`mutual_scores` does over the other images. Queries are taken in blocks of about ``chunk_elems``
+    distances."""
+    nq, p, c = zq.shape
+    nr = zr.shape[0]
+    if nr < 1:
+        raise ConfigError("musc: reference mode needs at least 1 reference image")
+    k_lo, k_hi = _interval_bounds(nr, topmin_min, topmin_max)
+    flat_r = zr.float().reshape(nr * p, c)
+    sq_r = (flat_r * flat_r).sum(dim=-1)
+    rows = max(1, chunk_elems // max(1, p * nr * p))
+    out = torch.empty(nq, p, dtype=torch.float32)
+    for q0 in range(0, nq, rows):
+        q1 = min(nq, q0 + rows)
+        x = zq[q0:q1].float().reshape(-1, c)
+        d2 = torch.addmm(sq_r[None], x, flat_r.T, alpha=-2.0) + (x * x).sum(dim=-1, keepdim=True)
+        mins = d2.view(q1 - q0, p, nr, p).amin(dim=-1).clamp_min_(0.0).sqrt_()
+        out[q0:q1] = _interval_mean(mins, k_lo, k_hi)
+    return out
+
+
+def rscin(
+    scores: np.ndarray, global_feats: np.ndarray, k_list: Sequence[int] = (1, 2, 3), normalize: bool = True
+) -> np.ndarray:
     """RsCIN: S = mean_k D_k^-1 W_k s, with s the min-max normalised scores, W = G G^T the similarity of
     the (L2-normalised) global features, W_k keeping in each row the image itself and its k-1 most similar
     others (OURS: self is always kept, also when a duplicate image ties with it), D_k the row sums of W_k.
-    An empty ``k_list`` returns the scores unchanged."""
+    An empty ``k_list`` returns the scores unchanged. ``normalize`` False (OURS) smooths the scores as
+    they are: the same ranking (rows of D_k^-1 W_k sum to one), in the scores' own units."""
     s = np.asarray(scores, dtype=np.float64)
     if not len(k_list) or len(s) < 2:
         return s
     span = s.max() - s.min()
-    s = (s - s.min()) / span if span > 0 else np.zeros_like(s)
+    if normalize:
+        s = (s - s.min()) / span if span > 0 else np.zeros_like(s)
     g = np.asarray(global_feats, dtype=np.float64)
     g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
     w = g @ g.T
@@ -256,6 +299,31 @@ class MuScScorer:
         d["image_score"] = "max of the level- and degree-averaged MSM map, then RsCIN"
         return d
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = math.ceil(self.config.image_size / self.config.grid_stride)
+        return side, side
+
+    def _grid_maps(self, levels: list[Tensor], references: list[Tensor] | None = None) -> Tensor:
+        """(N, 1, h, w) maps averaged over levels and degrees: mutual scoring among the N images, or (with
+        ``references``, levels of the reference images) scoring against the references."""
+        c, grid = self.config, self.grid
+        n = levels[0].shape[0]
+        total = torch.zeros(n, grid[0] * grid[1])
+        for r in c.degrees:
+            queries = lnamd(levels, r, grid)
+            refs = lnamd(references, r, grid) if references is not None else [None] * len(queries)
+            for z, zr in zip(queries, refs, strict=True):
+                if zr is None:
+                    total += mutual_scores(z, c.topmin_min, c.topmin_max, c.chunk_elems, c.buffer_elems)
+                else:
+                    total += reference_scores(z, zr, c.topmin_min, c.topmin_max, c.chunk_elems)
+        return (total / (len(c.degrees) * len(levels))).view(n, 1, *grid)
+
+    def _upsampled(self, maps: Tensor) -> Tensor:
+        size = self.config.map_size or self.config.image_size
+        return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
+
     @torch.no_grad()
     def score(self, images: Sequence[np.ndarray], class_name: str) -> ScoreOutput:
         c = self.config
@@ -264,17 +332,46 @@ class MuScScorer:
         t0 = time.perf_counter()
         levels, global_feats = self.features(images)
         t1 = time.perf_counter()
-        grid = (math.ceil(c.image_size / c.grid_stride),) * 2
-        n = len(images)
-        total = torch.zeros(n, grid[0] * grid[1])
-        for r in c.degrees:
-            for z in lnamd(levels, r, grid):
-                total += mutual_scores(z, c.topmin_min, c.topmin_max, c.chunk_elems, c.buffer_elems)
-        maps = (total / (len(c.degrees) * len(levels))).view(n, 1, *grid)
+        maps = self._grid_maps(levels)
         image_scores = maps.flatten(1).amax(dim=1).double().numpy()
         image_scores = rscin(image_scores, global_feats.numpy(), c.rscin_k)
-        size = c.map_size or c.image_size
-        maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
+        maps = self._upsampled(maps)
         t2 = time.perf_counter()
-        self.timing = {"features_s": t1 - t0, "scoring_s": t2 - t1, "n_images": float(n)}
+        self.timing = {"features_s": t1 - t0, "scoring_s": t2 - t1, "n_images": float(len(images))}
         return ScoreOutput(image_scores=np.asarray(image_scores, dtype=np.float64), anomaly_maps=maps.numpy())
+
+    @torch.no_grad()
+    def reference_levels(self, references: Sequence[np.ndarray]) -> list[Tensor]:
+        """The backbone levels of the reference images (computed once, passed to :meth:`maps`)."""
+        if not references:
+            raise ConfigError("musc: reference mode needs at least 1 reference image")
+        return self.features(references)[0]
+
+    @torch.no_grad()
+    def leave_one_out_scores(self, reference_levels: list[Tensor]) -> np.ndarray:
+        """Image scores of the references themselves, each scored against the others (mutual scoring among
+        them, no RsCIN): the statistic reference mode gives a normal image, with one reference fewer."""
+        if reference_levels[0].shape[0] < 2:
+            raise ConfigError("musc: leave-one-out scoring needs at least 2 reference images")
+        grid_maps = self._grid_maps(reference_levels)
+        return grid_maps.flatten(1).amax(dim=1).double().numpy()
+
+    @torch.no_grad()
+    def maps(
+        self, images: Sequence[np.ndarray], references: list[Tensor] | None = None, use_rscin: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(maps (N, S, S) float32, image scores (N,))`` in the score's own units (module docstring).
+        Without ``references`` (levels from :meth:`reference_levels`): mutual scoring among ``images``
+        (at least 2), then RsCIN without normalisation when ``use_rscin``; with them: reference mode, no
+        RsCIN."""
+        c = self.config
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        if references is None and len(images) < 2:
+            raise ConfigError("musc: mutual scoring needs at least 2 images (or reference images)")
+        levels, global_feats = self.features(images)
+        grid_maps = self._grid_maps(levels, references)
+        scores = grid_maps.flatten(1).amax(dim=1).double().numpy()
+        if references is None and use_rscin:
+            scores = rscin(scores, global_feats.numpy(), c.rscin_k, normalize=False)
+        return self._upsampled(grid_maps).numpy(), np.asarray(scores, dtype=np.float64)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from vmad import __version__
-from vmad.errors import VMADError
+from vmad.errors import VMADError, VMADWarning
 
 # Subcommand modules under vmad.cli; each defines register(subparsers) and sets a `func` default.
-SUBCOMMANDS: tuple[str, ...] = ("data", "detect", "eval", "model", "train")
+SUBCOMMANDS: tuple[str, ...] = (
+    "bench", "calibrate", "chat", "data", "detect", "eval", "model", "serve", "train"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """``warning: <message>`` for vmad's own warnings (VMADWarning); Python's format for the others."""
+    if issubclass(category, VMADWarning):
+        return f"warning: {message}\n"
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
+
+
+_PYTHON_FORMAT = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning  # type: ignore[assignment]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

@@ -6,11 +6,42 @@ from __future__ import annotations
 import argparse
 import json
 
-from vmad.data.dataset import DATA_FORMATS, FORMAT_ALIASES, SPLIT_ORDER, DataOptions, load_dataset
+from vmad.data.dataset import (
+    DATA_FORMATS,
+    FORMAT_ALIASES,
+    SPLIT_ORDER,
+    DataOptions,
+    data_options,
+    load_dataset,
+)
 from vmad.data.folder import FolderConfig
 from vmad.errors import ConfigError
 
 AUTO_FORMAT = "auto"
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """``--mask-name`` and ``--data-opt``: the reader options, the same on every command that reads a
+    dataset (``data inspect``, ``data build-riad``, ``eval``; ``train`` takes them as ``data.options``)."""
+    parser.add_argument(
+        "--mask-name",
+        metavar="TEMPLATE",
+        help=f"folder format: mask file name template over the image's {{stem}}, {{name}}, {{suffix}} "
+        f"(default {FolderConfig.mask_name}; MVTec-style masks: '{{stem}}_mask.png')",
+    )
+    parser.add_argument(
+        "--data-opt",
+        metavar="SECTION.FIELD=VALUE",
+        action="append",
+        default=[],
+        help="a reader option (repeatable): folder.{images_dir,masks_dir,mask_name,normal_dirs,default_split,"
+        "mask_spec,unlabelled_defect_type}, magnetic_tile.test_fraction, neu_seg.defect_types_from_masks",
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> DataOptions:
+    """The :class:`DataOptions` of ``--mask-name`` / ``--data-opt``."""
+    return data_options(getattr(args, "mask_name", None), getattr(args, "data_opt", []) or [])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,11 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("--split", choices=SPLIT_ORDER, help="count only this split")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.add_argument("--verify", action="store_true", help="fully decode every image and mask")
-    inspect.add_argument(
-        "--mask-name",
-        default=FolderConfig.mask_name,
-        help="folder format: mask file name template ({stem}, {name}, {suffix})",
-    )
+    add_data_options(inspect)
     inspect.set_defaults(func=_inspect)
     _register_build_riad(actions)
     _register_make_procedural(actions)
@@ -46,8 +73,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    options = DataOptions(folder=FolderConfig(mask_name=args.mask_name))
-    dataset = load_dataset(args.path, args.format, options)
+    dataset = load_dataset(args.path, args.format, options_from_args(args))
     dataset.check(decode=args.verify, split=args.split)
     counts = dataset.counts(split=args.split)
     if args.json:
@@ -108,6 +134,7 @@ def _register_build_riad(actions: argparse._SubParsersAction) -> None:
     build.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     build.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_data_options(build)
     build.set_defaults(func=_build_riad)
 
 
@@ -170,6 +197,7 @@ def _build_riad(args: argparse.Namespace) -> int:
         cfg,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        options=options_from_args(args),
         formats=source_formats(args.sources, args.formats),
     )
     print("\n".join(summary.lines()))

@@ -12,6 +12,18 @@ The output folder is created and checked writable (a probe file) before the mode
 given, must not be empty. Unreadable images are reported on stderr, listed with their error and skipped; the
 exit status is non-zero only when no image could be processed.
 
+Methods: ``--model small|PATH`` (VMAD) or ``--baseline musc`` (training-free, no text answers; its maps are
+patch-feature distances). MuSc scores the images of a folder against each other, so it needs a folder of at
+least 2 images, or ``--reference DIR`` (normal images of the object, at least 2) or a MuSc threshold file,
+whose images are then the references (:mod:`vmad.infer.baseline`). A VMAD model trained with the OURS
+normality prior (``mask_decoder.prior_prompt``) gets each image's prior by mutual scoring over the whole
+folder and the ``--reference`` images; summary.json says which per image (``prior``).
+
+Verdicts: with ``--threshold-file FILE`` (written by ``vmad calibrate``) or ``--image-threshold T`` each
+image gets ``"verdict": "anomalous"`` (score > T) or ``"normal"``, and summary.json records the thresholds
+used and where they came from; without either the verdict is null. A threshold file also sets the mask
+threshold; ``--threshold`` given explicitly wins over it.
+
 Large images: an image of more than ``--max-pixels`` pixels (default 4194304 = 2048 x 2048) is decoded at a
 reduced size (integer factor) and the model runs on that; its mask and overlay are written at the image's
 own size (upsampled), and its summary row records ``"downscaled": true`` and ``"processed_size": [h, w]``
@@ -28,9 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmad.cli.options import add_baseline_opt
+
 if TYPE_CHECKING:
     import numpy as np
 
+    from vmad.infer.baseline import BaselineDetector
     from vmad.infer.detector import Detection, Detector, DetectorConfig
 
 DEFAULT_OUT = "detect_output"
@@ -45,7 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "path relative to the input folder with its extension (sub/a.jpg -> sub/a.jpg_mask.png; names equal "
         "but for letter case get a ~2, ~3 ... suffix). The default question is the paper's template with the "
         "object name (--class-name, else 'object'). --no-answer is the fast segmentation-only path (one "
-        "forward per batch).",
+        "forward per batch). Answers are on by default here for --model, while the Python API "
+        "(Detector.detect) defaults to answer=False; --baseline methods give no answers. A threshold file "
+        "from `vmad calibrate` (--threshold-file) adds a verdict per image.",
     )
     parser.add_argument("input", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images")
     parser.add_argument(
@@ -56,19 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--class-name", metavar="NAME", help="object name for the default question")
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder ({DEFAULT_OUT})")
     parser.add_argument("--json", action="store_true", help="print summary.json, not one line per image")
-    parser.add_argument(
-        "--model",
-        default="small",
-        metavar="small|PATH",
-        help="'small' (packaged weights) or a checkpoint folder (save_trainable output)",
-    )
-    parser.add_argument(
-        "--answer",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="generate a text answer (default) or segment only (--no-answer, fastest)",
-    )
-    parser.add_argument("--threshold", type=float, default=0.5, help="mask = probability > T (default 0.5)")
+    _add_method_options(parser)
     parser.add_argument("--batch-size", type=int, default=4, metavar="B", help="images per forward (4)")
     parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="answer length limit")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay heat-map opacity (0.5)")
@@ -81,8 +86,66 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "overlay are still written at the image's size (default 4194304 = 2048x2048)",
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    _add_workers_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
+
+
+def _add_workers_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes decoding the next images while the current batch runs (default 1; 0 = none)",
+    )
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """--model / --baseline (and its options), --answer and the thresholds."""
+    who = parser.add_mutually_exclusive_group()
+    who.add_argument(
+        "--model",
+        default=None,
+        metavar="small|PATH",
+        help="'small' (packaged weights, the default), a checkpoint folder (save_trainable output) or a "
+        "`vmad train` output folder (its final/)",
+    )
+    who.add_argument("--baseline", metavar="NAME", help="a training-free method instead of a model: musc")
+    add_baseline_opt(parser)
+    parser.add_argument(
+        "--reference",
+        metavar="DIR",
+        help="a folder of normal images of the object: --baseline musc scores against them (at least 2; lets "
+        "MuSc score a single image); a model trained with a normality prior (OURS) uses them with the folder "
+        "for its prior",
+    )
+    parser.add_argument(
+        "--answer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="generate a text answer (the default for --model; the Python API's Detector.detect defaults to "
+        "answer=False) or segment only (--no-answer, fastest; the only mode of --baseline)",
+    )
+    parser.add_argument(
+        "--threshold-file",
+        metavar="FILE",
+        help="a threshold file from `vmad calibrate` (same model or baseline): verdict per image, mask "
+        "threshold",
+    )
+    parser.add_argument(
+        "--image-threshold",
+        type=float,
+        metavar="T",
+        help="verdict threshold on the image score (anomalous when score > T); overrides the file's",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="mask = map > T (default: the threshold file's, else 0.5 for --model and the baseline's own "
+        "rule for --baseline)",
+    )
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -182,28 +245,39 @@ _IMAGE_FIELDS: tuple[str, ...] = (
     "width",
     "downscaled",
     "processed_size",
+    "verdict",
+    "mask_threshold",
+    "prior",
 )
 
 
 def run(args: argparse.Namespace) -> int:
-    """``vmad detect``: check the options, find the images, load the detector once, detect batch by batch,
-    then write summary.json and report."""
+    """``vmad detect``: check the options, find the images, load the detector once (and its thresholds),
+    detect batch by batch, then write summary.json and report."""
     from vmad.errors import VMADError
     from vmad.infer.detector import resolve_model_path
 
+    _resolve_method(args)
     config = _checked_config(args)
-    weights = resolve_model_path(args.model)  # fail fast, before scanning and loading
+    # fail fast, before scanning and loading
+    weights = None if args.baseline else resolve_model_path(args.model)
     out_dir = Path(args.out)
     root, files = find_images(Path(args.input), out_dir)
     stems = output_stems(root, files)
+    references = find_images(Path(args.reference), out_dir)[1] if args.reference else None
     prepare_out_dir(out_dir)  # before the model loads: a bad --out must not cost the whole inference
 
-    detector = _load_detector(weights, config, args.model)
+    detector = _load_detector(weights, config, args, references)
+    if references and not args.baseline and not detector.uses_priors:
+        raise VMADError(f"--reference: model {args.model!r} takes no normality prior (references are used by "
+                        "--baseline and by models trained with mask_decoder.prior_prompt)")
     question = args.question
-    if question is None:
+    if question is None and not args.baseline:
         question = detector.default_question(args.class_name, args.answer)
     outputs = _ImageOutputs(args=args, out_dir=out_dir, files=files, stems=stems)
-    _detect_in_batches(detector, outputs, config.batch_size)
+    zero_shot = args.baseline and not detector.has_references
+    priors = None if args.baseline else _folder_priors(detector, files, references)
+    _detect_in_batches(detector, outputs, len(files) if zero_shot else config.batch_size, priors)
 
     summary = _build_summary(args, weights, question, config, detector, outputs.rows)
     _write_summary(summary, out_dir, print_json=args.json)
@@ -212,6 +286,24 @@ def run(args: argparse.Namespace) -> int:
             f"no image could be processed ({summary['n_images']} failed; see {out_dir / 'summary.json'})"
         )
     return 0
+
+
+def _resolve_method(args: argparse.Namespace) -> None:
+    """Fill in the method-dependent defaults (--model small; answers on for a model, off for a baseline);
+    VMADError for options that do not fit the method."""
+    from vmad.errors import VMADError
+
+    if args.baseline is None:
+        args.model = args.model or "small"
+        args.answer = True if args.answer is None else args.answer
+        if args.baseline_opt:
+            raise VMADError("--baseline-opt needs --baseline")
+        return
+    if args.answer:
+        raise VMADError(f"--baseline {args.baseline} gives no text answers; leave out --answer")
+    if args.question is not None:
+        raise VMADError(f"--baseline {args.baseline} takes no question; leave out --question")
+    args.answer = False
 
 
 def prepare_out_dir(out_dir: Path) -> None:
@@ -238,12 +330,17 @@ def prepare_out_dir(out_dir: Path) -> None:
 
 def _checked_config(args: argparse.Namespace) -> DetectorConfig:
     """The validated detector settings from the options (the device checked usable); VMADError when
-    ``--alpha`` is outside [0, 1] or ``--question`` is empty."""
+    ``--alpha`` is outside [0, 1] or ``--question`` is empty. For a baseline the mask threshold is checked
+    by the baseline's own settings (its maps are not probabilities)."""
+    import math
+
     from vmad.errors import VMADError
     from vmad.infer.detector import DetectorConfig
 
+    model_threshold = args.threshold if (args.threshold is not None and not args.baseline) else 0.5
     config = DetectorConfig(
-        threshold=args.threshold,
+        threshold=model_threshold,
+        image_threshold=args.image_threshold,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
@@ -254,15 +351,39 @@ def _checked_config(args: argparse.Namespace) -> DetectorConfig:
         raise VMADError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.question is not None and not args.question.strip():
         raise VMADError("--question must not be empty (leave it out for the default question)")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise VMADError(f"--threshold must be a finite number, got {args.threshold}")
+    if getattr(args, "workers", 0) < 0:
+        raise VMADError(f"--workers must be >= 0, got {args.workers}")
     return config
 
 
-def _load_detector(weights: Path, config: DetectorConfig, model_name: str) -> Detector:
-    """The detector loaded from ``weights``, named after the ``--model`` option."""
+def _load_detector(
+    weights: Path | None, config: DetectorConfig, args: argparse.Namespace, references: list[Path] | None
+) -> Detector | BaselineDetector:
+    """The detector named by ``--model`` (loaded from ``weights``) or ``--baseline``, with the threshold
+    file applied, then the explicit ``--image-threshold`` / ``--threshold`` on top."""
+    from dataclasses import replace
+
     from vmad.infer.detector import Detector
 
-    detector = Detector.from_pretrained(weights, config=config)
-    detector.name = model_name
+    if args.baseline:
+        from vmad.cli.eval import parse_options
+
+        options = {**parse_options(args.baseline_opt), "max_pixels": config.max_pixels}
+        detector: Any = Detector.from_baseline(args.baseline, references=references, **options)
+    else:
+        detector = Detector.from_pretrained(weights, config=config)  # type: ignore[arg-type]
+        detector.name = args.model
+    if args.threshold_file:
+        detector.load_threshold_file(args.threshold_file)
+    explicit: dict[str, float] = {}
+    if args.image_threshold is not None:
+        explicit["image_threshold"] = args.image_threshold
+    if args.threshold is not None:
+        explicit["mask_threshold" if args.baseline else "threshold"] = args.threshold
+    if explicit:
+        detector.config = replace(detector.config, **explicit).validate()
     return detector
 
 
@@ -315,12 +436,12 @@ class _ImageOutputs:
         mask_path, overlay_path = output_paths(self.stems[index])
         try:
             if detection.downscaled:  # written strip by strip; overlay drawn small, then upsampled
-                small = overlay(image, detection.probability_map, detection.processed_mask, self.args.alpha)
+                small = overlay(image, detection.heat_map(), detection.processed_mask, self.args.alpha)
                 write_png_strips(self.out_dir / mask_path, _mask_strips(detection.mask))
                 write_png_strips(self.out_dir / overlay_path, _upsampled_strips(small, detection.size))
             else:
                 save_png(self.out_dir / mask_path, detection.mask)
-                heat_map = overlay(image, detection.probability_map, detection.mask, self.args.alpha)
+                heat_map = overlay(image, detection.heat_map(), detection.mask, self.args.alpha)
                 save_png(self.out_dir / overlay_path, heat_map)
         except OSError as exc:
             self.skip(index, f"{self.files[index]}: cannot write outputs ({exc})")
@@ -337,11 +458,15 @@ class _ImageOutputs:
             width=int(detection.mask.shape[1]),
             downscaled=detection.downscaled,
             processed_size=list(detection.processed_size) if detection.processed_size else None,
+            verdict=detection.verdict,
+            mask_threshold=detection.mask_threshold,
+            prior=getattr(detection, "prior", None),
         )
         if not self.args.json:
             answer = f"  {detection.answer!r}" if detection.answer is not None else ""
+            verdict = f"  {detection.verdict}" if detection.verdict is not None else ""
             tqdm.write(
-                f"{self.files[index]}  score {detection.anomaly_score:.4f}  "
+                f"{self.files[index]}  score {detection.anomaly_score:.4f}{verdict}  "
                 f"mask {100.0 * detection.mask.mean():.1f}%{answer}"
             )
 
@@ -419,53 +544,138 @@ def _chain(*parts: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         yield from part
 
 
-def _detect_in_batches(detector: Detector, outputs: _ImageOutputs, batch_size: int) -> None:
+def _folder_priors(
+    detector: Detector, files: list[Path], references: list[Path] | None
+) -> dict[int, Any] | None:
+    """OURS: for a model that takes a normality prior, each readable image's prior by mutual scoring over
+    the whole folder (and ``--reference`` images), by file index; None for other models."""
+    from vmad.data.io import read_image_bounded
+    from vmad.errors import VMADError
+
+    if not detector.uses_priors:
+        return None
+    limit = detector.config.max_pixels
+    readable: dict[int, Any] = {}
+    for i, path in enumerate(files):
+        try:
+            readable[i] = read_image_bounded(path, max_pixels=limit)[0]
+        except (OSError, ValueError, VMADError):
+            continue  # reported when its batch is read
+    refs = [read_image_bounded(p, max_pixels=limit)[0] for p in references or []]
+    if not readable:
+        return None
+    priors = detector.normality_priors(list(readable.values()), refs)
+    return None if priors is None else {i: priors.subset([k]) for k, i in enumerate(readable)}
+
+
+def _detect_in_batches(
+    detector: Detector, outputs: _ImageOutputs, batch_size: int, priors: dict[int, Any] | None = None
+) -> None:
     """Detect ``batch_size`` images at a time (progress bar unless --no-progress or a single image), saving
-    each image's outputs as its batch is done."""
+    each image's outputs as its batch is done; ``priors``: :func:`_folder_priors`."""
+    import functools
+
     from tqdm import tqdm
+
+    from vmad.data.io import read_image_bounded
+    from vmad.data.prefetch import prefetch
 
     args, n_files = outputs.args, len(outputs.files)
     bar = tqdm(total=n_files, unit="img", disable=True if args.no_progress or n_files == 1 else None)
-    try:
-        for start in range(0, n_files, batch_size):
-            indices, images, sizes = outputs.read(
-                start, min(start + batch_size, n_files), detector.config.max_pixels
-            )
+    read = functools.partial(read_image_bounded, max_pixels=detector.config.max_pixels)
+    workers = getattr(args, "workers", 0)
+    try:  # the next batches are decoded by `workers` processes while this one runs
+        for batch in prefetch(outputs.files, read, batch_size, workers):
+            indices, images, sizes = [], [], []
+            for index, loaded, error in batch:
+                if error is not None:
+                    outputs.skip(index, str(error))
+                    continue
+                indices.append(index)
+                images.append(loaded[0])
+                sizes.append(loaded[1])
+            extra = {} if priors is None else {"priors": _join_priors([priors[i] for i in indices])}
             detections = detector.detect(
-                images, args.question, answer=args.answer, class_name=args.class_name, original_sizes=sizes
-            )
+                images, args.question, answer=args.answer, class_name=args.class_name, original_sizes=sizes,
+                **extra,
+            ) if images else []
             for index, image, detection in zip(indices, images, detections, strict=True):
                 outputs.save(index, image, detection)
-            bar.update(min(batch_size, n_files - start))
+            bar.update(len(batch))
     finally:
         bar.close()
 
 
+def _join_priors(parts: list[Any]) -> Any:
+    import numpy as np
+
+    from vmad.baselines.prior import Priors
+
+    maps = [m for p in parts for m in p.maps]
+    return Priors(maps, parts[0].mode if parts else "none", np.concatenate([p.image_scores for p in parts]))
+
+
 def _build_summary(
     args: argparse.Namespace,
-    weights: Path,
-    question: str,
+    weights: Path | None,
+    question: str | None,
     config: DetectorConfig,
-    detector: Detector,
+    detector: Detector | BaselineDetector,
     rows: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """The content of summary.json: the run's settings, the counts and one row per image."""
+    """The content of summary.json: the run's settings, the thresholds and verdict counts, and one row per
+    image."""
     n_processed = sum(row["error"] is None for row in rows)
+    verdicts = [row["verdict"] for row in rows if row["error"] is None and row["verdict"] is not None]
+    baseline = bool(args.baseline)
+    calibration = detector.calibration
     return {
-        "model": str(args.model),
-        "weights": str(weights),
+        "model": None if baseline else str(args.model),
+        "baseline": args.baseline,
+        "weights": None if weights is None else str(weights),
         "input": str(args.input),
         "question": question,
         "answer_mode": bool(args.answer),
-        "threshold": config.threshold,
+        "threshold": None if baseline else detector.config.threshold,
+        "mask_threshold_rule": _mask_rule(detector, args),
+        "image_threshold": detector.config.image_threshold,
+        "threshold_file": str(args.threshold_file) if args.threshold_file else None,
+        "threshold_source": _threshold_source(args, calibration),
+        "calibration": None if calibration is None else {
+            k: calibration.to_dict()[k] for k in ("rule", "fpr", "stats", "class_name", "created")},
+        "verdicts": {"anomalous": verdicts.count("anomalous"), "normal": verdicts.count("normal")}
+        if detector.config.image_threshold is not None else None,
+        "references": [str(p) for p in getattr(detector, "reference_sources", [])] or None,
         "max_pixels": config.max_pixels,
-        "score_rule": detector.model.config.score.rule,
+        "score_rule": "max of the MuSc map (module vmad.infer.baseline)" if baseline
+        else detector.model.config.score.rule,
         "paths": "mask and overlay paths are relative to this file's folder",
         "n_images": len(rows),
         "n_processed": n_processed,
         "n_failed": len(rows) - n_processed,
         "images": rows,
     }
+
+
+def _threshold_source(args: argparse.Namespace, calibration: Any) -> str | None:
+    """Where the verdict threshold came from: ``--image-threshold``, the threshold file, or None."""
+    if args.image_threshold is not None:
+        return "--image-threshold"
+    if calibration is not None:
+        return f"threshold file {args.threshold_file}" if args.threshold_file else "calibration"
+    return None
+
+
+def _mask_rule(detector: Any, args: argparse.Namespace) -> str:
+    """How the mask threshold was chosen (the value itself is in each image's row)."""
+    if args.threshold is not None:
+        return "--threshold"
+    if detector.calibration is not None:
+        return "threshold file (the calibrated image threshold)"
+    if args.baseline:
+        return ("the highest leave-one-out score of the references" if detector.has_references
+                else "the median image score of the folder's images")
+    return "default 0.5"
 
 
 def _write_summary(summary: dict[str, Any], out_dir: Path, print_json: bool) -> None:

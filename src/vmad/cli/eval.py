@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmad.cli.data import add_data_options, options_from_args
+from vmad.cli.options import add_baseline_opt
 from vmad.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -21,18 +23,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a baseline or a VMAD model (image/pixel AUROC, AP, AUPRO, F1-max, s/img)",
         description="Run a scorer class by class over one or more datasets and write results.json and a "
         "Markdown table (results.md) laid out like the paper's Table I. Maps are resized bilinearly to each "
-        "mask's size and smoothed with a Gaussian (--sigma, in mask pixels).",
+        "mask's size and smoothed with a Gaussian (--sigma, in mask pixels). Per class, results.json also "
+        "stores the image and pixel thresholds found (classes.<name>.thresholds: F1-max and at 5 % FPR on "
+        "normals; anomalous when score > threshold).",
     )
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--baseline", metavar="NAME", help="a training-free baseline (e.g. musc)")
     who.add_argument("--model", metavar="NAME_OR_PATH", help="a VMAD checkpoint or preset")
-    parser.add_argument(
-        "--baseline-opt",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        help="a baseline config field (repeatable), e.g. --baseline-opt image_size=320",
-    )
+    add_baseline_opt(parser)
     parser.add_argument(
         "--data",
         metavar="PATH",
@@ -41,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="dataset root or class folder (repeatable)",
     )
     parser.add_argument("--format", help="dataset layout for every --data (default: detected)")
+    add_data_options(parser)
     parser.add_argument("--split", choices=SPLITS, default="test", help="split to evaluate (default: test)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: eval_results/<scorer>)")
     parser.add_argument(
@@ -58,7 +57,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print results.json instead of the table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_speed_options(parser)
     parser.set_defaults(func=run)
+
+
+def _add_speed_options(parser: argparse.ArgumentParser) -> None:
+    """Batching, decoding workers and device (results do not depend on them)."""
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="B",
+        help="--model only: images per forward (default 4); the engine hands the model B images at a time",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes decoding the next images while the current ones are scored (default 1; 0 = none)",
+    )
+    parser.add_argument(
+        "--device", metavar="DEV", help="--model only: auto (default: CUDA when available), cpu, cuda, ..."
+    )
 
 
 def parse_options(pairs: list[str]) -> dict[str, str]:
@@ -82,7 +102,17 @@ def build_scorer(args: argparse.Namespace) -> Scorer:
         raise ConfigError("--baseline-opt needs --baseline")
     from vmad.infer.detector import build_scorer as build_model_scorer
 
-    return build_model_scorer(args.model)
+    return build_model_scorer(args.model, **_model_options(args))
+
+
+def _model_options(args: argparse.Namespace) -> dict[str, object]:
+    """``--batch-size`` / ``--device`` as detector options (only the given ones)."""
+    options: dict[str, object] = {}
+    if getattr(args, "batch_size", None) is not None:
+        options["batch_size"] = args.batch_size
+    if getattr(args, "device", None) is not None:
+        options["device"] = args.device
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,9 +124,13 @@ def run(args: argparse.Namespace) -> int:
         smoothing_sigma=args.sigma,
         fpr_limit=args.fpr_limit,
         max_per_class=args.max_per_class,
+        workers=args.workers,
     )
     settings.validate()
-    datasets = [load_dataset(path, args.format) for path in args.data]  # bad paths fail before model loading
+    if args.baseline is not None and _model_options(args):
+        raise ConfigError("--batch-size and --device apply to --model (a baseline scores a class at once)")
+    options = options_from_args(args)
+    datasets = [load_dataset(path, args.format, options) for path in args.data]  # fail before model loading
     scorer = build_scorer(args)
     out_dir = Path(args.out) if args.out else Path("eval_results") / scorer.name
     result = evaluate(

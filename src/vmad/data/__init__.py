@@ -5,6 +5,7 @@ from vmad.data.dataset import (
     AnomalyDataset,
     ClassCounts,
     DataOptions,
+    data_options,
     detect_format,
     load_dataset,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "NeuSegConfig",
     "Sample",
     "check_sample",
+    "data_options",
     "detect_format",
     "image_shape",
     "load_dataset",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmad.data import folder, formats, mvtec, riad, visa
 from vmad.data.io import check_sample
 from vmad.data.records import Sample
-from vmad.errors import DataError
+from vmad.errors import ConfigError, DataError
 
 DATA_FORMATS: tuple[str, ...] = ("mvtec", "visa", "riad", "folder", "magnetic_tile", "mpdd", "neu_seg")
 FORMAT_ALIASES: dict[str, str] = {"wfdd": "mvtec"}
@@ -23,6 +23,34 @@ class DataOptions:
     folder: folder.FolderConfig = field(default_factory=folder.FolderConfig)
     magnetic_tile: formats.MagneticTileConfig = field(default_factory=formats.MagneticTileConfig)
     neu_seg: formats.NeuSegConfig = field(default_factory=formats.NeuSegConfig)
+
+
+OPTION_SECTIONS: tuple[str, ...] = ("folder", "magnetic_tile", "neu_seg")
+
+
+def data_options(
+    mask_name: str | None = None, pairs: Sequence[str] = (), base: DataOptions | None = None
+) -> DataOptions:
+    """``base`` (default :class:`DataOptions`) with ``--data-opt SECTION.FIELD=VALUE`` pairs (e.g.
+    ``folder.masks_dir=gt``, ``folder.normal_dirs=good,ok``, ``magnetic_tile.test_fraction=0.3``) and
+    ``--mask-name`` (= ``folder.mask_name``) on top; ConfigError naming a bad key or value."""
+    from vmad.config import from_mapping, merge, to_dict
+
+    data: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or section not in OPTION_SECTIONS or not name:
+            raise ConfigError(
+                f"--data-opt {pair!r}: expected SECTION.FIELD=VALUE with SECTION one of "
+                f"{', '.join(OPTION_SECTIONS)} (e.g. folder.mask_name={{stem}}_mask.png)"
+            )
+        data.setdefault(section, {})[name] = value.strip()
+    if mask_name is not None:
+        data.setdefault("folder", {})["mask_name"] = mask_name
+    if not data:
+        return base or DataOptions()
+    return from_mapping(DataOptions, merge(to_dict(base or DataOptions()), data), "data options")
 
 
 @dataclass

@@ -4,7 +4,9 @@ For every class of every dataset (paper Sec. V-A.1: per-class metrics, then thei
 
 1. the samples of ``split`` are read (images with :func:`vmad.data.read_image`, masks with
    :func:`vmad.data.read_mask`); a class with no sample in that split is skipped and listed under ``skipped``;
-2. ``scorer.score(images, class_name)`` sees all images of the class at once;
+2. ``scorer.score(images, class_name)`` sees all images of the class at once, or ``images_per_call`` of them
+   at a time when the scorer sets it (images scored independently, e.g. a VMAD model's batch size), while
+   ``settings.workers`` processes decode the next ones (:mod:`vmad.data.prefetch`);
 3. post-processing, per image: the anomaly map is resized to that image's mask size by bilinear interpolation
    (``torch.nn.functional.interpolate``, ``align_corners=False``, OURS), then smoothed with a Gaussian of
    ``smoothing_sigma`` mask pixels (``scipy.ndimage.gaussian_filter``, truncate 4; default 4 as in WinCLIP /
@@ -18,8 +20,9 @@ classes each mean covers.
 
 Timing (seconds per image, totals over all classes divided by the number of images): ``model`` = time inside
 ``scorer.score``; ``end_to_end`` = image loading + ``scorer.score`` + map post-processing (mask reading and
-metric computation are evaluation costs and are reported separately). A scorer with a ``prepare()`` method
-(optional, e.g. to load weights) has it called once before timing starts; its time is ``setup_s``.
+metric computation are evaluation costs and are reported separately). With decoding workers, image loading
+is the time spent waiting for decoded images (the rest overlaps the scorer). A scorer with a ``prepare()``
+method (optional, e.g. to load weights) has it called once before timing starts; its time is ``setup_s``.
 """
 
 from __future__ import annotations
@@ -56,13 +59,16 @@ METRICS: tuple[str, ...] = IMAGE_METRICS + PIXEL_METRICS
 class EvalSettings:
     """How an evaluation runs. ``split`` None = every sample. ``max_per_class``: evaluate at most this many
     images per class, evenly spaced over the class's samples in reading order so that every defect type
-    stays represented (OURS). ``fpr_limit``: the AUPRO integration limit (MVTec AD: 0.3)."""
+    stays represented (OURS). ``fpr_limit``: the AUPRO integration limit (MVTec AD: 0.3). ``workers``: image
+    decoding processes that read ahead of the scorer (:mod:`vmad.data.prefetch`; 0 = read in this process
+    before scoring). Results do not depend on ``workers``."""
 
     split: str | None = "test"
     smoothing_sigma: float = 4.0
     fpr_limit: float = 0.3
     max_per_class: int | None = None
     align_corners: bool = False
+    workers: int = 0
 
     def validate(self) -> None:
         if self.smoothing_sigma < 0 or not math.isfinite(self.smoothing_sigma):
@@ -71,6 +77,8 @@ class EvalSettings:
             raise VMADError(f"fpr_limit must be in (0, 1], got {self.fpr_limit}")
         if self.max_per_class is not None and self.max_per_class < 1:
             raise VMADError(f"max_per_class must be >= 1, got {self.max_per_class}")
+        if self.workers < 0:
+            raise VMADError(f"workers must be >= 0, got {self.workers}")
 
 
 @dataclass
@@ -149,13 +157,13 @@ def _check_output(out: object, n: int, who: str) -> tuple[np.ndarray, list[np.nd
 def _class_metrics(
     labels: np.ndarray, scores: np.ndarray, masks: list[np.ndarray], maps: list[np.ndarray], fpr_limit: float
 ) -> tuple[dict[str, float], list[str]]:
-    """Every metric of one class; the undefined-metric warnings come back as notes."""
+    """Every metric of one class and its thresholds (``"thresholds"``: :func:`metrics.class_metrics`); the
+    undefined-metric warnings come back as notes."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", metrics.UndefinedMetricWarning)
-        values = metrics.image_metrics(labels, scores)
-        values.update(metrics.pixel_metrics(masks, maps, fpr_limit))
+        values, thresholds = metrics.class_metrics(labels, scores, masks, maps, fpr_limit)
     notes = sorted({str(w.message) for w in caught if issubclass(w.category, metrics.UndefinedMetricWarning)})
-    return {k: values[k] for k in METRICS}, notes
+    return {**{k: values[k] for k in METRICS}, "thresholds": thresholds}, notes
 
 
 def nan_mean(rows: Sequence[dict], keys: Sequence[str] = METRICS) -> dict:
@@ -321,7 +329,7 @@ def _evaluate_class(scorer: Scorer, job: _ClassJob, settings: EvalSettings, bar:
     timing to ``run``."""
     key, samples = job.key, job.samples
     timer = _Timer(n_images=len(samples))
-    scores, raw_maps = _score_class(scorer, key, samples, timer, bar)
+    scores, raw_maps = _score_class(scorer, key, samples, timer, bar, settings.workers)
     masks, maps = _masks_and_maps(key, samples, raw_maps, settings, timer, bar)
 
     bar.set_description(f"{key}: metrics")
@@ -340,23 +348,39 @@ def _evaluate_class(scorer: Scorer, job: _ClassJob, settings: EvalSettings, bar:
 
 
 def _score_class(
-    scorer: Scorer, key: str, samples: Sequence[Sample], timer: _Timer, bar: tqdm
+    scorer: Scorer, key: str, samples: Sequence[Sample], timer: _Timer, bar: tqdm, workers: int = 0
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Read the class's images and score them all at once (timed as load and model); the checked image
-    scores and raw anomaly maps."""
-    bar.set_description(f"{key}: load")
-    start = time.perf_counter()
-    images = []
-    for s in samples:
-        images.append(read_image(s.image_path))
-    timer.load_s = time.perf_counter() - start
+    """Read the class's images and score them (timed as load and model); the checked image scores and raw
+    anomaly maps. A scorer with ``images_per_call`` (:class:`vmad.eval.scorer.Scorer`) gets that many images
+    per call while ``workers`` processes decode the next ones (load time = time spent waiting for them);
+    the others get all images of the class in one call."""
+    from vmad.data.prefetch import prefetch
 
-    bar.set_description(f"{key}: score")
-    class_name = samples[0].class_name
-    start = time.perf_counter()
-    out = scorer.score(images, class_name)
-    timer.model_s = time.perf_counter() - start
-    return _check_output(out, len(images), f"scorer {scorer.name!r} on class {key!r}")
+    chunk = getattr(scorer, "images_per_call", None)
+    chunk = len(samples) if not isinstance(chunk, int) or chunk < 1 else chunk
+    class_name, who = samples[0].class_name, f"scorer {scorer.name!r} on class {key!r}"
+    batches = prefetch([s.image_path for s in samples], read_image, chunk, workers)
+    scores: list[np.ndarray] = []
+    maps: list[np.ndarray] = []
+    while True:
+        bar.set_description(f"{key}: load")
+        start = time.perf_counter()
+        batch = next(batches, None)
+        timer.load_s += time.perf_counter() - start
+        if batch is None:
+            break
+        for _, _, error in batch:
+            if error is not None:
+                raise error
+        images = [image for _, image, _ in batch]
+        bar.set_description(f"{key}: score")
+        start = time.perf_counter()
+        out = scorer.score(images, class_name)
+        timer.model_s += time.perf_counter() - start
+        batch_scores, batch_maps = _check_output(out, len(images), who)
+        scores.append(batch_scores)
+        maps += batch_maps
+    return np.concatenate(scores), maps
 
 
 def _masks_and_maps(
@@ -454,6 +478,7 @@ def _settings_summary(settings: EvalSettings) -> dict:
         f"{settings.fpr_limit}, divided by the limit",
         "aupro_200": "AnomalyCLIP cal_pro_score: 200 thresholds, fpr < limit, FPRs min-max rescaled",
         "mean": "over classes, NaN values skipped (mean.n_classes counts the classes in each mean)",
+        "thresholds": f"per class (classes.<name>.thresholds): {metrics.THRESHOLD_RULE}",
     }
 
 

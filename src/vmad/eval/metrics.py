@@ -374,3 +374,104 @@ def image_metrics(labels: ArrayLike, scores: ArrayLike) -> dict[str, float]:
         "image_ap": image_ap(labels, scores),
         "f1_max_image": f1_max(labels, scores),
     }
+
+
+# ---------------------------------------------------------------------------------------------- thresholds
+
+#: The false-positive rate on normals of the "at_fpr" thresholds ``vmad eval`` stores (OURS: 5 %).
+THRESHOLD_FPR = 0.05
+THRESHOLD_RULE = (
+    "a sample (image or pixel) is anomalous when its score is > threshold. f1_max: the threshold at which F1 "
+    "is maximal on these data (midway between the lowest score counted anomalous and the next lower score); "
+    "at_fpr: the lowest threshold with at most fpr of the normal samples above it (the normal score ranked "
+    "floor(fpr * n_normal) + 1 from the top); pixel thresholds apply to the evaluated maps (resized to the "
+    "mask and smoothed), image thresholds to the image scores"
+)
+
+
+def _f1_max_threshold_sorted(neg: np.ndarray, pos: np.ndarray) -> float:
+    """The threshold t with ``score > t`` reproducing F1-max: midway between the lowest positive score v of
+    the best ``score >= v`` split and the next lower score (just below v when there is none)."""
+    _, tp, fp = _pr_points(neg, pos)
+    vals = _unique_counts(pos)[0]
+    best = vals[int(np.argmax(2.0 * tp / (tp + fp + pos.size)))]
+    below_neg = neg[neg < best]
+    below_pos = pos[pos < best]
+    lower = max(float(below_neg[-1]) if below_neg.size else -np.inf,
+                float(below_pos[-1]) if below_pos.size else -np.inf)
+    if not np.isfinite(lower):
+        return float(np.nextafter(best, -np.inf))
+    mid = lower + (float(best) - lower) / 2.0
+    return mid if lower < mid < best else lower
+
+
+def _fpr_threshold_sorted(neg: np.ndarray, fpr: float) -> float:
+    """The lowest t with at most ``fpr`` of ``neg`` (ascending) strictly above it: the score ranked
+    ``floor(fpr * n) + 1`` from the top (ties there only lower the rate)."""
+    k = int(math.floor(fpr * neg.size + 1e-9))
+    return float(neg[neg.size - 1 - min(k, neg.size - 1)])
+
+
+def _check_fpr(fpr: float) -> None:
+    if not 0.0 <= fpr < 1.0:
+        raise ValueError(f"fpr must be in [0, 1), got {fpr}")
+
+
+def f1_max_threshold(labels: ArrayLike, scores: ArrayLike) -> float:
+    """The threshold t such that ``score > t`` gives F1-max on these data (NaN when only one class is
+    present; no warning: :func:`f1_max` gives it)."""
+    y, s = _labels(labels), _scores(scores)
+    split = _binary_split(y, s, "f1_max_threshold")
+    return math.nan if split is None else _f1_max_threshold_sorted(*split)
+
+
+def fpr_threshold(labels: ArrayLike, scores: ArrayLike, fpr: float = THRESHOLD_FPR) -> float:
+    """The lowest t with at most ``fpr`` of the normal samples (label 0) scoring ``> t`` (NaN without
+    normal samples)."""
+    _check_fpr(fpr)
+    y, s = _labels(labels), _scores(scores)
+    if y.shape != s.shape:
+        raise ValueError(f"fpr_threshold: {y.size} labels but {s.size} scores")
+    neg = np.sort(s[~y])
+    return math.nan if neg.size == 0 else _fpr_threshold_sorted(neg, fpr)
+
+
+def image_thresholds(labels: ArrayLike, scores: ArrayLike, fpr: float = THRESHOLD_FPR) -> dict[str, float]:
+    """``{"f1_max": ..., "at_fpr": ...}`` of the image scores (see :data:`THRESHOLD_RULE`)."""
+    return {"f1_max": f1_max_threshold(labels, scores), "at_fpr": fpr_threshold(labels, scores, fpr)}
+
+
+def pixel_thresholds(ps: PixelScores, fpr: float = THRESHOLD_FPR) -> dict[str, float]:
+    """``{"f1_max": ..., "at_fpr": ...}`` of the pixel scores (NaN where undefined)."""
+    _check_fpr(fpr)
+    f1 = math.nan if ps._check() else _f1_max_threshold_sorted(ps.neg, ps.pos)
+    at = math.nan if ps.neg.size == 0 else _fpr_threshold_sorted(ps.neg, fpr)
+    return {"f1_max": f1, "at_fpr": at}
+
+
+def class_metrics(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    masks: ArrayLike,
+    maps: ArrayLike,
+    fpr_limit: float = 0.3,
+    threshold_fpr: float = THRESHOLD_FPR,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Every image and pixel metric (one sort of the pixels) and the thresholds ``vmad eval`` stores:
+    ``{"rule", "fpr", "image": {"f1_max", "at_fpr"}, "pixel": {"f1_max", "at_fpr"}}``."""
+    values = image_metrics(labels, scores)
+    ps = PixelScores.build(masks, maps)
+    values.update({
+        "pixel_auroc": ps.auroc(),
+        "pixel_ap": ps.ap(),
+        "aupro": ps.aupro(fpr_limit),
+        "aupro_200": ps.aupro_200(fpr_limit),
+        "f1_max_pixel": ps.f1_max(),
+    })
+    thresholds = {
+        "rule": THRESHOLD_RULE,
+        "fpr": threshold_fpr,
+        "image": image_thresholds(labels, scores, threshold_fpr),
+        "pixel": pixel_thresholds(ps, threshold_fpr),
+    }
+    return values, thresholds

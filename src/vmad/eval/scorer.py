@@ -21,7 +21,11 @@ class ScoreOutput:
 @runtime_checkable
 class Scorer(Protocol):
     """A zero-shot scorer. It sees all test images of one class at once (MuSc needs that; per-image
-    methods just loop). Images are (H, W, 3) uint8 RGB arrays of possibly different sizes."""
+    methods just loop). Images are (H, W, 3) uint8 RGB arrays of possibly different sizes.
+
+    Optional attribute ``images_per_call: int``: the scorer scores images independently of each other and
+    wants this many per call (e.g. its batch size); the evaluation engine then calls ``score`` on
+    consecutive chunks of the class (the last one shorter) while the next images are being decoded."""
 
     name: str
 

@@ -95,12 +95,45 @@ def results_markdown(results: Mapping) -> str:
         f"AUPRO-200: {settings.get('aupro_200', 'cal_pro_score')}.",
         f"Seconds per image: {timing.get('definition', '')}.",
     ]
+    lines += threshold_lines(classes)
     skipped = results.get("skipped") or {}
     for k, why in skipped.items():
         lines.append(f"Skipped {k}: {why}.")
     for k, msgs in (results.get("notes") or {}).items():
         lines.append(f"{k}: " + "; ".join(msgs) + ".")
     return "\n".join(lines) + "\n"
+
+
+def thr(value: float | None) -> str:
+    """A threshold with 4 significant digits; None / NaN as a dash."""
+    if value is None or value != value:
+        return DASH
+    return f"{value:.4g}"
+
+
+def threshold_lines(classes: Mapping[str, Mapping]) -> list[str]:
+    """The per-class thresholds of results.json (``classes.<name>.thresholds``), one list line per class, or
+    nothing when no class has them (results written before they existed)."""
+    rows = [(k, r["thresholds"]) for k, r in classes.items() if isinstance(r.get("thresholds"), Mapping)]
+    if not rows:
+        return []
+    fpr = rows[0][1].get("fpr")
+    at = f"at FPR {100.0 * fpr:g} %" if isinstance(fpr, (int, float)) else "at FPR"
+    lines = [
+        "",
+        "Thresholds (anomalous when score > threshold; image: on the image scores, pixel: on the evaluated "
+        f"maps; F1-max: where F1 peaks on these data; {at}: the lowest with at most that share of normals "
+        "above it):",
+        "",
+    ]
+    for key, t in rows:
+        image, pixel = t.get("image") or {}, t.get("pixel") or {}
+        lines.append(
+            f"- {key}: image F1-max {thr(image.get('f1_max'))}, {at} {thr(image.get('at_fpr'))}; "
+            f"pixel F1-max {thr(pixel.get('f1_max'))}, {at} {thr(pixel.get('at_fpr'))}"
+        )
+    lines.append("")
+    return lines
 
 
 def table_i_markdown(runs: Mapping[str, Mapping]) -> str:

@@ -24,6 +24,14 @@ Rules (OURS unless stated; every value is a :class:`DetectorConfig` field):
   segment path asked the segmentation-only question for the same object (``mask_from == "segment"``), so
   every Detection has a mask.
 - Binary mask: ``probability > threshold`` (default 0.5, i.e. mask logit > 0).
+- Verdict: ``"anomalous"`` when the image score is ``> image_threshold``, else ``"normal"``; no threshold, no
+  verdict (None). :meth:`Detector.calibrate` derives both thresholds from a few normal images of the object,
+  :meth:`Detector.load_threshold_file` reads them from a ``vmad calibrate`` file (rule:
+  :mod:`vmad.infer.calibration`); ``Detection.verdict`` and ``Detection.image_threshold`` report them.
+- Answers: :meth:`Detector.detect` defaults to segmentation only (``answer=False``, the fast path);
+  ``vmad detect`` defaults to answers (``--no-answer`` for segmentation only), as its ``--help`` says.
+- One API for every method: :meth:`Detector.from_baseline` (``"musc"``) gives the same ``detect`` /
+  ``calibrate`` / ``load_threshold_file`` and :class:`Detection` objects (:mod:`vmad.infer.baseline`).
 - Image score: the model's own rule (``model.config.score``, default max of the Gaussian-smoothed
   probability map at the input size).
 - Batching: images are processed ``batch_size`` at a time; within a batch, images of the same size share one
@@ -36,26 +44,37 @@ Rules (OURS unless stated; every value is a :class:`DetectorConfig` field):
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vmad.config import check_choices, from_mapping
-from vmad.data.io import read_image, read_image_bounded, reduce_image, reduction_factor, to_rgb_array
 from vmad.data.prompts import QUERY_TYPES, SEG_ANSWER_QUESTION, SEG_QUESTION
-from vmad.data.text import describe_location, describe_size, mask_facts, number_word, object_name
+from vmad.data.text import object_name
 from vmad.errors import ConfigError, VMADError
 from vmad.eval.scorer import ScoreOutput
+from vmad.infer.calibration import DEFAULT_FPR, Calibration, file_sha256, make_calibration
+from vmad.infer.detection import (  # noqa: F401  (Detection and ImageInput are part of this module's API)
+    Detection,
+    ImageInput,
+    _check_question,
+    _is_single,
+    _load,
+    make_detection,
+)
 from vmad.model.build import load_pretrained
 from vmad.model.vmad import VMADModel
-from vmad.model.weights_io import CONFIG_NAME, PACKAGED_MODELS, resolve_model_path
+from vmad.model.weights_io import CONFIG_NAME, PACKAGED_MODELS, WEIGHTS_NAME, resolve_model_path
 
-ImageInput = str | Path | np.ndarray | Image.Image | torch.Tensor
+if TYPE_CHECKING:
+    from vmad.baselines.prior import Priors
+    from vmad.infer.baseline import BaselineDetector
+
 SCORE_RULE_TEXT = {
     "max_smoothed": "max of the mask probability map after a Gaussian blur of sigma pixels (input size)",
     "max": "max of the mask probability map",
@@ -65,12 +84,18 @@ SCORE_RULE_TEXT = {
 AnswerQuery = Literal["description", "impact", "suggestion"]  # the keys of QUERY_TYPES
 
 
+PriorUse = Literal["folder", "off"]
+
+
 @dataclass
 class DetectorConfig:
     """Inference settings (all OURS).
 
     Attributes:
         threshold: binary mask = probability > threshold.
+        image_threshold: verdict threshold on the image score (``score > image_threshold`` is
+            ``"anomalous"``); None = no verdict. Set by :meth:`Detector.calibrate` or
+            :meth:`Detector.load_threshold_file`, or by hand.
         batch_size: images per forward when detecting lists / folders.
         max_new_tokens: answer-mode generation length.
         answer_query: query type of the default answer-mode question (one of ``QUERY_TYPES``).
@@ -79,19 +104,26 @@ class DetectorConfig:
             refuses (ConfigError) a CUDA / MPS device this torch cannot use.
         max_pixels: images with more pixels (H * W) are reduced below this before the model runs (see the
             module rules on large images); default 4_194_304 = 2048 x 2048.
+        prior: OURS, only for models trained with ``mask_decoder.prior_prompt``: ``folder`` = each image's
+            normality prior by mutual scoring over the images of the same :meth:`Detector.detect` call
+            (:mod:`vmad.baselines.prior`; a single image gets none), ``off`` = never.
     """
 
     threshold: float = 0.5
+    image_threshold: float | None = None
     batch_size: int = 4
     max_new_tokens: int = 96
     answer_query: AnswerQuery = "description"
     default_object: str = "object"
     device: str = "auto"
     max_pixels: int = 4_194_304
+    prior: PriorUse = "folder"
 
     def validate(self) -> DetectorConfig:
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.image_threshold is not None and not math.isfinite(self.image_threshold):
+            raise ConfigError(f"image_threshold must be a finite number or None, got {self.image_threshold}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_new_tokens < 1:
@@ -131,83 +163,6 @@ def check_device_available(dev: torch.device, name: str | None = None) -> None:
 
 
 @dataclass
-class Detection:
-    """One image's result. ``mask`` (H, W) bool is at the input image's size; ``probability_map`` float32
-    is at the input size too, except for an image above ``DetectorConfig.max_pixels``, which was reduced
-    before the model ran: then ``processed_size`` is the reduced (h, w), ``probability_map`` is (h, w) (use
-    :meth:`full_probability_map` for the input size) and ``processed_mask`` is its thresholded (h, w) mask;
-    ``processed_size`` is None otherwise. ``answer`` is the generated text (None in segmentation-only mode);
-    ``source`` the image file (None for arrays); ``mask_from``: ``"segment"`` or ``"answer"`` (see the
-    module rules)."""
-
-    anomaly_score: float
-    mask: np.ndarray
-    probability_map: np.ndarray
-    answer: str | None = None
-    source: str | None = None
-    question: str = ""
-    mask_from: str = "segment"
-    processed_size: tuple[int, int] | None = None
-    processed_mask: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def downscaled(self) -> bool:
-        """True when the image was reduced before the model ran (see the class docstring)."""
-        return self.processed_size is not None
-
-    def full_probability_map(self) -> np.ndarray:
-        """``probability_map`` at the input size (bilinear upsampling for a downscaled image; else the map
-        itself)."""
-        if not self.downscaled:
-            return self.probability_map
-        return _upsample(self.probability_map, self.size)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(H, W) of the input image."""
-        return tuple(self.mask.shape)  # type: ignore[return-value]
-
-    @property
-    def mask_description(self) -> str:
-        """What the predicted mask shows, computed from the mask alone (not the LLM's words): regions
-        (8-connected), where on a 3x3 grid, and their extent."""
-        facts = self._facts()
-        if facts is None:
-            return "The mask is empty: no pixel is above the threshold."
-        regions = "one region" if facts.count == 1 else f"{number_word(facts.count)} regions"
-        return f"The mask marks {regions} at {describe_location(facts)} ({describe_size(facts)})."
-
-    def _facts(self) -> Any:
-        """Mask facts; for a downscaled image from the reduced mask (cheap), area and box scaled to the
-        input size."""
-        if self.processed_mask is None:
-            return mask_facts(self.mask)
-        facts = mask_facts(self.processed_mask)
-        if facts is None:
-            return None
-        (h, w), (height, width) = self.processed_mask.shape, self.size
-        sy, sx = height / h, width / w
-        box = (round(facts.box[0] * sx), round(facts.box[1] * sy))
-        return replace(facts, area=int(self.mask.sum()), box=box)
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready fields (no arrays); ``processed_size`` is [h, w] for a downscaled image, else None."""
-        return {
-            "source": self.source,
-            "score": float(self.anomaly_score),
-            "height": int(self.mask.shape[0]),
-            "width": int(self.mask.shape[1]),
-            "mask_pixels": int(self.mask.sum()),
-            "mask_from": self.mask_from,
-            "question": self.question,
-            "answer": self.answer,
-            "mask_description": self.mask_description,
-            "downscaled": self.downscaled,
-            "processed_size": list(self.processed_size) if self.processed_size else None,
-        }
-
-
-@dataclass
 class ChatTurn:
     """One chat turn: the user's question, the model's answer, its Detection, and the history to pass to the
     next :meth:`Detector.chat` call (earlier turns + this one)."""
@@ -216,148 +171,6 @@ class ChatTurn:
     answer: str
     detection: Detection
     history: list[tuple[str, str]] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------ images
-
-
-def _unit_range(t: torch.Tensor, what: str) -> torch.Tensor:
-    """Pixel values -> float32 in [0, 1], checked (VMADError otherwise): uint8 is 0-255; other integer dtypes
-    are taken as 0-255 too, but only when every value is in [0, 255]; floating point must be finite and in
-    [0, 1] (it is never rescaled or clipped); bool and complex are refused."""
-    if t.dtype == torch.bool or t.is_complex():
-        raise VMADError(f"image {what} of dtype {t.dtype} is not an image; give uint8 0-255 or float 0-1")
-    if t.dtype == torch.uint8:
-        return t.float() / 255.0
-    if not t.is_floating_point():
-        lo, hi = int(t.long().min()), int(t.long().max())
-        if lo < 0 or hi > 255:
-            raise VMADError(
-                f"image {what} of dtype {t.dtype} has values in [{lo}, {hi}]; integer images must be 0-255"
-            )
-        return t.float() / 255.0
-    t = t.float()
-    if not bool(torch.isfinite(t).all()):
-        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-        raise VMADError(
-            f"image {what} has {n_nan} NaN and {n_inf} infinite value(s); pixels must be finite, in [0, 1]"
-        )
-    lo, hi = float(t.min()), float(t.max())
-    if lo < 0.0 or hi > 1.0:
-        raise VMADError(
-            f"float image {what} has values in [{lo:g}, {hi:g}]; float images must be in [0, 1] "
-            "(divide 0-255 data by 255, or give uint8)"
-        )
-    return t
-
-
-_STRIP_ROWS = 512
-
-
-def _upsample(probs: np.ndarray, size: tuple[int, int], threshold: float | None = None) -> np.ndarray:
-    """(h, w) float32 probabilities bilinearly upsampled to ``size`` (H, W) (PIL, strip by strip, each strip
-    the matching rows of one full resize); with ``threshold``, the (H, W) bool ``> threshold`` instead, so
-    no full-size float map is ever held."""
-    height, width = size
-    h, w = probs.shape
-    im = Image.fromarray(np.ascontiguousarray(probs, dtype=np.float32))
-    out = np.empty((height, width), dtype=np.float32 if threshold is None else bool)
-    sy = h / height
-    for y0 in range(0, height, _STRIP_ROWS):
-        y1 = min(height, y0 + _STRIP_ROWS)
-        strip = np.asarray(
-            im.resize((width, y1 - y0), Image.Resampling.BILINEAR, box=(0.0, y0 * sy, float(w), y1 * sy))
-        )
-        out[y0:y1] = strip if threshold is None else strip > threshold
-    return out
-
-
-def _reduce_tensor(t: torch.Tensor, max_pixels: int) -> torch.Tensor:
-    """[3, H, W] float reduced below ``max_pixels`` (area average); ``t`` itself at or below the limit."""
-    height, width = t.shape[-2:]
-    factor = reduction_factor(height, width, max_pixels)
-    if factor == 1:
-        return t
-    size = (-(-height // factor), -(-width // factor))
-    return torch.nn.functional.interpolate(t[None].float(), size=size, mode="area")[0]
-
-
-def _load(image: ImageInput, max_pixels: int | None) -> tuple[torch.Tensor, str | None, tuple[int, int]]:
-    """:func:`_as_tensor` with the large-image guard: ``(tensor at most max_pixels, source, input (H, W))``.
-    Files are decoded at a bounded size; PIL images and uint8 arrays are reduced before conversion to float;
-    other inputs after."""
-    if isinstance(image, (str, Path)):
-        arr, size = read_image_bounded(image, max_pixels)
-        t, _ = _as_tensor(arr)
-        return t, str(image), size
-    if max_pixels is None:
-        t, source = _as_tensor(image)
-        return t, source, tuple(t.shape[-2:])  # type: ignore[return-value]
-    if isinstance(image, Image.Image):
-        size = (image.height, image.width)
-        t, source = _as_tensor(reduce_image(image, max_pixels))
-        return t, source, size
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
-        size = (int(image.shape[0]), int(image.shape[1]))
-        if reduction_factor(*size, max_pixels) > 1 and (image.ndim == 2 or image.shape[2] in (1, 3, 4)):
-            arr = image[:, :, :3] if image.ndim == 3 and image.shape[2] >= 3 else image.reshape(size)
-            t, source = _as_tensor(np.array(reduce_image(Image.fromarray(np.ascontiguousarray(arr)),
-                                                         max_pixels)))
-            return t, source, size
-    t, source = _as_tensor(image)
-    size = tuple(t.shape[-2:])
-    return _reduce_tensor(t, max_pixels), source, size  # type: ignore[return-value]
-
-
-def _as_tensor(image: ImageInput) -> tuple[torch.Tensor, str | None]:
-    """Any accepted input -> ``([3, H, W] float in [0, 1], source path or None)``.
-
-    Paths are read with :func:`vmad.data.read_image`; arrays are (H, W, 3|4) or (H, W), tensors ``[3, H, W]``
-    or ``[1, H, W]`` / ``[H, W]``. Pixel values (arrays and tensors alike) are checked, never clipped:
-    uint8 is 0-255; other integer dtypes (int64, uint16, ...) are accepted as 0-255 only when every value is
-    in [0, 255], else VMADError; float must be finite (no NaN / inf) and in [0, 1], else VMADError naming
-    the range found."""
-    source = None
-    if isinstance(image, (str, Path)):
-        source = str(image)
-        image = read_image(image)
-    elif isinstance(image, Image.Image):
-        image = to_rgb_array(image)
-    if isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.dim() == 2:
-            t = t[None]
-        if t.dim() != 3 or t.shape[0] not in (1, 3) or min(t.shape[1:]) < 1:
-            raise VMADError(f"image tensor must be [3, H, W] in [0, 1], got {tuple(image.shape)}")
-        return _unit_range(t, "tensor").expand(3, -1, -1), source
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or min(arr.shape[:2]) < 1:
-        raise VMADError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
-    arr = arr[:, :, :3] if arr.shape[2] >= 3 else np.repeat(arr, 3, axis=2)
-    if arr.dtype.kind not in "biufc":
-        raise VMADError(f"image array of dtype {arr.dtype} is not an image; give uint8 0-255 or float 0-1")
-    if arr.dtype.kind in "iu" and arr.dtype != np.uint8:  # checked here: torch lacks min/max for uint16+
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > 255:
-            raise VMADError(
-                f"image array of dtype {arr.dtype} has values in [{lo}, {hi}]; integer images must be 0-255"
-            )
-        arr = arr.astype(np.uint8)
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
-    return _unit_range(t, "array"), source
-
-
-def _check_question(question: str | None) -> None:
-    if question is not None and not question.strip():
-        raise VMADError("the question must not be empty (None asks the default question)")
-
-
-def _is_single(images: Any) -> bool:
-    if isinstance(images, (str, Path, Image.Image)):
-        return True
-    return isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
 
 
 # ------------------------------------------------------------------------------------------ detector
@@ -375,6 +188,8 @@ class Detector:
         self.model = model.eval()
         self.config = (config or DetectorConfig()).validate()
         self.name = name
+        self.weights: Path | None = None  # the weights folder, when loaded from one
+        self.calibration: Calibration | None = None
 
     @classmethod
     def from_pretrained(
@@ -382,16 +197,88 @@ class Detector:
         model: str | Path = "small",
         device: str | torch.device | None = None,
         config: DetectorConfig | None = None,
+        threshold_file: str | Path | None = None,
         **build_kwargs: Any,
     ) -> Detector:
-        """Load ``"small"`` (packaged weights) or a checkpoint folder (``save_trainable`` / training's
-        ``final/``). ``device`` None = ``config.device``; ``build_kwargs`` go to ``build_vmad`` (e.g.
-        ``llava_path``/``sam_path`` for a paper-preset checkpoint)."""
+        """Load ``"small"`` (packaged weights), a checkpoint folder (``save_trainable`` / training's
+        ``final/``) or a training output folder (its ``final/``). ``device`` None = ``config.device``;
+        ``threshold_file``: a ``vmad calibrate`` file for verdicts (:meth:`load_threshold_file`);
+        ``build_kwargs`` go to ``build_vmad`` (e.g. ``llava_path``/``sam_path`` for a paper-preset
+        checkpoint)."""
         config = (config or DetectorConfig()).validate()
         folder = resolve_model_path(model)
         dev = torch.device(device) if device is not None else config.torch_device()
         vmad = load_pretrained(folder, device=dev, **build_kwargs)
-        return cls(vmad, config, name=str(model))
+        if dev.type == "cuda":  # the GPU fast path (bf16, SDPA, static cache + compile); CPU unchanged
+            from vmad.model.fastpath import enable_fast_path
+
+            enable_fast_path(vmad.eval())
+        detector = cls(vmad, config, name=str(model))
+        detector.weights = folder
+        if threshold_file is not None:
+            detector.load_threshold_file(threshold_file)
+        return detector
+
+    @staticmethod
+    def from_baseline(name: str = "musc", references: Sequence[ImageInput] | None = None,
+                      threshold_file: str | Path | None = None, **options: Any) -> BaselineDetector:
+        """A training-free method behind the same API (``detect`` -> :class:`Detection` with score, map,
+        mask and verdict; ``calibrate``; ``load_threshold_file``): see :mod:`vmad.infer.baseline`.
+        ``references``: normal images to score against (MuSc's reference mode); ``options``: the
+        baseline's config fields (e.g. ``image_size=320``)."""
+        from vmad.infer.baseline import build_baseline_detector
+
+        return build_baseline_detector(name, references=references, threshold_file=threshold_file, **options)
+
+    # ------------------------------------------------------------- thresholds
+    def method_info(self) -> dict[str, Any]:
+        """What a calibration of this detector is valid for: the weights (SHA-256 of model.safetensors,
+        when loaded from a folder) and the image-score rule."""
+        sha = None
+        if self.weights is not None and (self.weights / WEIGHTS_NAME).is_file():
+            sha = file_sha256(self.weights / WEIGHTS_NAME)
+        return {"kind": "vmad", "model": self.name, "weights_sha256": sha,
+                "score_rule": asdict(self.model.config.score)}
+
+    def calibrate(
+        self,
+        normal_images: ImageInput | Sequence[ImageInput],
+        class_name: str | None = None,
+        fpr: float = DEFAULT_FPR,
+        answer: bool = False,
+        apply: bool = True,
+    ) -> Calibration:
+        """Score a few normal images of the object (at least 2) and derive the verdict threshold by the rule
+        of :mod:`vmad.infer.calibration`; ``apply`` sets it on this detector (image and mask thresholds).
+        ``answer``: score in answer mode (as ``vmad detect`` does by default) instead of segmentation only."""
+        dets = self.detect(normal_images, answer=answer, class_name=class_name)
+        cal = make_calibration(
+            [d.anomaly_score for d in dets],
+            self.method_info(),
+            fpr,
+            images=[d.source or f"<array {i}>" for i, d in enumerate(dets)],
+            class_name=class_name,
+            answer_mode=answer,
+        )
+        if apply:
+            self.apply_calibration(cal)
+        return cal
+
+    def apply_calibration(self, calibration: Calibration, where: str = "calibration") -> None:
+        """Use ``calibration``'s thresholds from now on (VMADError when it was made for another method,
+        other weights or another score rule)."""
+        calibration.check_method(self.method_info(), where)
+        mask = min(max(float(calibration.mask_threshold), 0.0), 1.0)
+        self.config = replace(self.config, image_threshold=float(calibration.image_threshold),
+                              threshold=mask).validate()
+        self.calibration = calibration
+
+    def load_threshold_file(self, path: str | Path) -> Calibration:
+        """Read a ``vmad calibrate`` threshold file and apply it (:meth:`apply_calibration`); for the CLI,
+        the chat and the API alike. Returns it."""
+        calibration = Calibration.load(path)
+        self.apply_calibration(calibration, str(path))
+        return calibration
 
     # ------------------------------------------------------------- questions
     def object_name(self, class_name: str | None) -> str:
@@ -406,6 +293,27 @@ class Detector:
         return SEG_QUESTION.format(object=obj)
 
     # ------------------------------------------------------------- detect
+    @property
+    def uses_priors(self) -> bool:
+        """The model takes a normality prior (``mask_decoder.prior_prompt``) and ``config.prior`` is on."""
+        return bool(self.model.config.mask_decoder.prior_prompt) and self.config.prior != "off"
+
+    def normality_priors(
+        self, images: Sequence[ImageInput], references: Sequence[ImageInput] = ()
+    ) -> Priors | None:
+        """OURS: the priors of ``images`` by mutual scoring among them and ``references``
+        (:func:`vmad.baselines.prior.compute_priors`), or None when :attr:`uses_priors` is False."""
+        if not self.uses_priors:
+            return None
+        from vmad.baselines.prior import compute_priors
+
+        def arrays(items: Sequence[ImageInput]) -> list[np.ndarray]:
+            limit = self.config.max_pixels
+            tensors = [x if isinstance(x, torch.Tensor) else _load(x, limit)[0] for x in items]
+            return [(t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy() for t in tensors]
+
+        return compute_priors(arrays(images), arrays(references))
+
     def detect(
         self,
         images: ImageInput | Sequence[ImageInput],
@@ -415,6 +323,7 @@ class Detector:
         *,
         max_new_tokens: int | None = None,
         original_sizes: Sequence[tuple[int, int] | None] | None = None,
+        priors: Priors | None = None,
     ) -> list[Detection]:
         """Detect anomalies in one image or a list (paths, (H, W[, 3]) uint8 arrays, PIL images, [3, H, W]
         tensors in [0, 1]; pixel values are checked as :func:`_as_tensor` says: NaN / inf, out-of-range floats
@@ -423,7 +332,9 @@ class Detector:
         + mask (see the module rules). One Detection per image, in order; ``Detection.question`` is the
         question asked. Images above ``config.max_pixels`` are reduced first (module rules on large
         images). ``original_sizes`` (one (H, W) or None per image) is for callers that reduced an image
-        themselves (e.g. :func:`vmad.data.io.read_image_bounded`): the mask is returned at that size."""
+        themselves (e.g. :func:`vmad.data.io.read_image_bounded`): the mask is returned at that size.
+        ``priors`` (OURS, prior_prompt models): one per image, e.g. from :meth:`normality_priors` over a
+        whole folder; None = computed over these images (``config.prior``)."""
         _check_question(question)
         items = [images] if _is_single(images) else list(images)  # type: ignore[arg-type]
         limit = self.config.max_pixels
@@ -436,6 +347,18 @@ class Detector:
         q = question if question is not None else self.default_question(class_name, answer)
         fallback_q = self.default_question(class_name, answer=False)
         tokens = max_new_tokens or self.config.max_new_tokens
+        if priors is None:
+            priors = self.normality_priors([t for t, _, _ in loaded])
+        elif len(priors.maps) != len(loaded):
+            raise VMADError(f"priors has {len(priors.maps)} maps for {len(loaded)} images")
+        return self._run_batches(loaded, priors, answer, q, fallback_q, tokens)
+
+
+    def _run_batches(
+        self, loaded: list[tuple[torch.Tensor, str | None, tuple[int, int]]], priors: Priors | None,
+        answer: bool, q: str, fallback_q: str, tokens: int,
+    ) -> list[Detection]:
+        """``config.batch_size`` images at a time; same-size images of a batch share one forward."""
         out: list[Detection | None] = [None] * len(loaded)
         bs = self.config.batch_size
         for start in range(0, len(loaded), bs):
@@ -446,13 +369,19 @@ class Detector:
                 batch = torch.stack([loaded[i][0] for i in idx])
                 sizes = [loaded[i][2] for i in idx]
                 # sizes only for reduced images: full-size ones take exactly the former path
-                extra = {} if all(s == tuple(batch.shape[-2:]) for s in sizes) else {"sizes": sizes}
+                extra: dict[str, Any] = (
+                    {} if all(s == tuple(batch.shape[-2:]) for s in sizes) else {"sizes": sizes}
+                )
+                if priors is not None and priors.mode != "none":
+                    extra["priors"] = priors.tensor(idx)
                 results = (
                     self._answer(batch, q, fallback_q, tokens, **extra)
                     if answer else self._segment(batch, q, **extra)
                 )
                 for i, det in zip(idx, results, strict=True):
                     det.source = loaded[i][1]
+                    if priors is not None:
+                        det.prior = priors.mode if priors.maps[i] is not None else "none"
                     out[i] = det
         return out  # type: ignore[return-value]
 
@@ -460,29 +389,33 @@ class Detector:
         self, probs: torch.Tensor, score: float, question: str, size: tuple[int, int] | None = None, **kw: Any
     ) -> Detection:
         p = probs.detach().float().cpu().numpy().astype(np.float32, copy=False)
-        mask = p > self.config.threshold
-        if size is None or tuple(size) == p.shape:
-            return Detection(float(score), mask, p, question=question, **kw)
-        full = _upsample(p, size, self.config.threshold)
-        return Detection(float(score), full, p, question=question, processed_size=p.shape,  # type: ignore[arg-type]
-                         processed_mask=mask, **kw)
+        cfg = self.config
+        return make_detection(p, score, question, size, cfg.threshold, cfg.image_threshold, **kw)
 
     def _segment(
-        self, images: torch.Tensor, question: str, sizes: Sequence[tuple[int, int] | None] | None = None
+        self, images: torch.Tensor, question: str, sizes: Sequence[tuple[int, int] | None] | None = None,
+        priors: torch.Tensor | None = None,
     ) -> list[Detection]:
         sizes = sizes or [None] * len(images)
-        res = self.model.segment(images, question)
+        extra = {} if priors is None else {"priors": priors}
+        res = self.model.segment(images, question, **extra)
         return [self._detection(res.probs[i], float(res.scores[i]), question, sizes[i])
                 for i in range(len(images))]
 
     def _answer(
         self, images: torch.Tensor, question: str, fallback: str, tokens: int,
-        sizes: Sequence[tuple[int, int] | None] | None = None,
+        sizes: Sequence[tuple[int, int] | None] | None = None, priors: torch.Tensor | None = None,
     ) -> list[Detection]:
         sizes = sizes or [None] * len(images)
-        gen = self.model.generate(images, question, max_new_tokens=tokens)
+        extra = {} if priors is None else {"priors": priors}
+        gen = self.model.generate(images, question, max_new_tokens=tokens, **extra)
         missing = [i for i, p in enumerate(gen.probs) if p is None]
-        seg = self.model.segment(images[missing], fallback) if missing else None
+        # the fallback reuses the encoded images: no frozen encoder runs twice
+        rows = torch.tensor(missing, dtype=torch.long)
+        reuse: dict[str, Any] = {} if gen.encoded is None else {"encoded": gen.encoded.rows(rows)}
+        if gen.encoded is None and priors is not None:
+            reuse["priors"] = priors[rows]
+        seg = self.model.segment(images[missing], fallback, **reuse) if missing else None
         out = []
         for i in range(len(images)):
             if gen.probs[i] is not None:
@@ -540,6 +473,22 @@ class VMADScorer:
         self.detector = detector
         packaged = self.model_ref in PACKAGED_MODELS
         self.name = f"vmad-{self.model_ref if packaged else Path(self.model_ref).name or self.model_ref}"
+
+    @property
+    def images_per_call(self) -> int | None:
+        """Images are scored independently: the engine hands them over a batch at a time (and decodes the
+        next batch meanwhile); a model that uses normality priors (OURS) needs the whole class at once."""
+        return None if self._uses_priors() else self.config.batch_size
+
+    def _uses_priors(self) -> bool:
+        if self.config.prior == "off":
+            return False
+        if self.detector is not None:
+            return self.detector.uses_priors
+        if self.path is None:
+            return False
+        meta = json.loads((self.path / CONFIG_NAME).read_text(encoding="utf-8"))
+        return bool(meta.get("config", {}).get("mask_decoder", {}).get("prior_prompt", False))
 
     def prepare(self) -> None:
         if self.detector is None:

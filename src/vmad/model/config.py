@@ -216,6 +216,10 @@ class MaskDecoderConfig:
         logit_bias: initial value of a learned scalar added to the mask logits. OURS: a decoder trained from
             scratch starts at the defect-pixel prior (log(0.01/0.99), RetinaNet's prior init), so training
             does not first spend its steps pushing every pixel down; 0 for SAM's calibrated decoder.
+        prior_prompt: OURS, not in the paper: a zero-shot normality prior map (mutual scoring over a folder
+            and/or reference normal images) is encoded as SAM's dense mask prompt
+            (:mod:`vmad.model.prior_prompt`). Off in every preset (the paper's decoder sees only H_seg).
+        prior_skip: OURS, with ``prior_prompt``: also add a learned multiple of the prior to the mask logits.
     """
 
     kind: DecoderKind = "scratch"
@@ -225,6 +229,8 @@ class MaskDecoderConfig:
     mlp_dim: int = 2048
     neck: bool = True
     logit_bias: float = -4.59512
+    prior_prompt: bool = False
+    prior_skip: bool = True
 
     def validate(self) -> None:
         check_choices(self, "model.mask_decoder")

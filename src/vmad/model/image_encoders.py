@@ -33,6 +33,10 @@ class FrozenImageModule(nn.Module):
       zero padding at the bottom and right after normalisation, as ``SamImageProcessor``;
     - ``stretch``: bilinear resize to the square, no antialias (models saved before these rules existed).
     Masks predicted in the input frame are mapped back through the inverse (:meth:`to_image`).
+
+    ``resize_on_device`` (the GPU fast path, :mod:`vmad.model.fastpath`): ``pad_square`` / ``longest_side``
+    run as batched tensor ops where the images are (antialiased bicubic / bilinear ``F.interpolate``, with
+    PIL's 8-bit rounding) instead of PIL on the host; they match PIL to about one grey level.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class FrozenImageModule(nn.Module):
         self.image_size = image_size
         self.resize = resize
         self.mean_values = tuple(float(m) for m in mean)
+        self.resize_on_device = False
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -53,9 +58,31 @@ class FrozenImageModule(nn.Module):
             if tuple(x.shape[-2:]) != (side, side):
                 x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
             x = (x - self.mean.float()) / self.std.float()
+        elif self.resize_on_device:
+            x = self._prepare_on_device(images)
         else:
             x = torch.stack([self._prepare_one(image) for image in images]).to(images.device)
         return x.to(param_dtype(self))
+
+    def _prepare_on_device(self, images: Tensor) -> Tensor:
+        """``pad_square`` / ``longest_side`` as batched tensor ops (see the class docstring)."""
+        x = (images.float().clamp(0, 1) * 255).round()  # the 8-bit picture PIL would see
+        height, width = x.shape[-2:]
+        side = self.image_size
+        if self.resize == "pad_square":
+            square = max(height, width)
+            colour = torch.tensor([int(m * 255) for m in self.mean_values], dtype=x.dtype, device=x.device)
+            canvas = colour.view(1, 3, 1, 1).expand(x.shape[0], 3, square, square).clone()
+            top, left = (square - height) // 2, (square - width) // 2
+            canvas[..., top : top + height, left : left + width] = x
+            x = _resize_like_pil(canvas, (side, side), "bicubic")
+        else:
+            x = _resize_like_pil(x, _longest_side(height, width, side), "bilinear")
+        x = x / 255.0
+        x = (x - self.mean.float()) / self.std.float()
+        if self.resize == "longest_side":
+            x = F.pad(x, (0, side - x.shape[-1], 0, side - x.shape[-2]))
+        return x
 
     def _prepare_one(self, image: Tensor) -> Tensor:
         from PIL import Image
@@ -132,6 +159,19 @@ class TinyVisionEncoder(FrozenImageModule):
             x = layer(x)
             hidden.append(x)
         return _select(hidden, self.feature_layer, self.n_levels)
+
+
+def _resize_like_pil(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    """8-bit levels ``[B, C, H, W]`` resized as PIL does: antialiased, the horizontal pass first, each pass
+    rounded and clamped to 0-255."""
+    height, width = size
+    if x.shape[-1] != width:
+        x = F.interpolate(x, size=(x.shape[-2], width), mode=mode, antialias=True, align_corners=False)
+        x = x.clamp(0, 255).round()
+    if x.shape[-2] != height:
+        x = F.interpolate(x, size=(height, width), mode=mode, antialias=True, align_corners=False)
+        x = x.clamp(0, 255).round()
+    return x
 
 
 def _longest_side(height: int, width: int, side: int) -> tuple[int, int]:

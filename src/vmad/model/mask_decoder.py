@@ -2,7 +2,8 @@
 neck that maps a backbone's feature maps to its 256-d image embedding, and the mask losses of Eq. 7.
 
 The decoder reuses ``transformers``' SAM modules (two-way transformer, upscaling, hypernetwork MLPs); the
-image-wide positional encoding is SAM's random Fourier features. Dense prompt: SAM's "no mask" embedding.
+image-wide positional encoding is SAM's random Fourier features. Dense prompt: SAM's "no mask" embedding,
+plus (OURS, ``prior_prompt``) an encoded zero-shot normality prior (:mod:`vmad.model.prior_prompt`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from vmad.model.config import MaskDecoderConfig
 from vmad.model.layers import LayerNorm2d
+from vmad.model.prior_prompt import PriorPrompt
 
 
 class FeatureNeck(nn.Module):
@@ -41,8 +43,10 @@ class FeatureNeck(nn.Module):
 class PromptedMaskDecoder(nn.Module):
     """SAM mask decoder with the positional encoding and the no-mask dense embedding it needs.
 
-    ``forward(image_embeddings [B, dim, h, w], prompts [B, K, dim]) -> mask logits [B, 4h, 4w]``
-    (single-mask output, as LISA), plus the learned ``logit_bias`` (see ``MaskDecoderConfig``)."""
+    ``forward(image_embeddings [B, dim, h, w], prompts [B, K, dim], prior [B, 1, S, S] | None) -> mask logits
+    [B, 4h, 4w]`` (single-mask output, as LISA), plus the learned ``logit_bias`` (see ``MaskDecoderConfig``).
+    ``prior`` (only with ``cfg.prior_prompt``): the normality prior over the input frame; rows that are all
+    NaN have none and get the plain "no mask" embedding."""
 
     def __init__(
         self,
@@ -77,6 +81,7 @@ class PromptedMaskDecoder(nn.Module):
         # shape [1], not a 0-dim scalar: DeepSpeed's parameter broadcast cannot view 0-dim bf16 tensors
         self.logit_bias = nn.Parameter(torch.tensor([float(cfg.logit_bias)]))
         self.dim = cfg.dim
+        self.prior_prompt = PriorPrompt(cfg.dim, cfg.prior_skip) if cfg.prior_prompt else None
 
     def dense_positional_encoding(self, h: int, w: int) -> Tensor:
         """``[1, dim, h, w]`` encoding of the cell centres."""
@@ -86,12 +91,20 @@ class PromptedMaskDecoder(nn.Module):
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # [h, w, 2] as (x, y)
         return self.pos_embed(grid[None]).squeeze(0).permute(2, 0, 1)[None]
 
-    def forward(self, image_embeddings: Tensor, prompts: Tensor) -> Tensor:
+    def forward(self, image_embeddings: Tensor, prompts: Tensor, prior: Tensor | None = None) -> Tensor:
         b, _, h, w = image_embeddings.shape
         dtype = self.no_mask_embed.weight.dtype
         image_embeddings = image_embeddings.to(dtype)
         pe = self.dense_positional_encoding(h, w).to(dtype).expand(b, -1, -1, -1)
         dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, h, w)
+        skip = None
+        if prior is not None and self.prior_prompt is not None:
+            present = ~torch.isnan(prior.flatten(1)).all(dim=1)
+            prior = torch.nan_to_num(prior.float(), nan=0.0)
+            keep = present.to(dtype).view(b, 1, 1, 1)
+            dense = dense + keep * self.prior_prompt.dense(prior, (h, w)).to(dtype)
+            skip = self.prior_prompt.skip(prior, (4 * h, 4 * w))  # [B, 4h, 4w], the logits' grid
+            skip = None if skip is None else skip * keep[:, 0]
         masks, _ = self.decoder(
             image_embeddings=image_embeddings,
             image_positional_embeddings=pe,
@@ -99,7 +112,8 @@ class PromptedMaskDecoder(nn.Module):
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
-        return masks[:, 0] + self.logit_bias.to(masks.dtype)
+        logits = masks[:, 0] + self.logit_bias.to(masks.dtype)  # [B, 1, 4h, 4w]
+        return logits if skip is None else logits + skip[:, None].to(logits.dtype)
 
 
 def dice_loss(logits: Tensor, target: Tensor, scale: float = 1000.0, eps: float = 1e-6) -> Tensor:

@@ -10,17 +10,26 @@ from torch import Tensor
 @dataclass
 class EncodedImages:
     """F_I then Ψ (Eq. 1-2): the input ``images [B, 3, H, W]``, the encoder's ``last [B, N, C]`` and earlier
-    ``levels``, and the projector's ``visual_tokens [B, M, D]``."""
+    ``levels``, and the projector's ``visual_tokens [B, M, D]``; ``priors [B, 1, H', W']`` (OURS,
+    :mod:`vmad.model.prior_prompt`): the normality prior over each image, all-NaN rows for none;
+    ``embeddings [B, dim, h, w]``: f of Eq. 4 (backbone + neck) once computed at inference (no grad), so
+    each image goes through the frozen backbone once (None: not computed yet)."""
 
     images: Tensor
     last: Tensor
     levels: list[Tensor]
     visual_tokens: Tensor
+    priors: Tensor | None = None
+    embeddings: Tensor | None = None
 
     def rows(self, index: Tensor) -> EncodedImages:
         """The samples ``index`` of the batch."""
         levels = [level[index] for level in self.levels]
-        return EncodedImages(self.images[index], self.last[index], levels, self.visual_tokens[index])
+        priors = None if self.priors is None else self.priors[index]
+        embeddings = None if self.embeddings is None else self.embeddings[index]
+        return EncodedImages(
+            self.images[index], self.last[index], levels, self.visual_tokens[index], priors, embeddings
+        )
 
 
 @dataclass
@@ -55,9 +64,11 @@ class SegmentationResult:
 
 @dataclass
 class GenerationResult:
-    """Greedy answers; ``probs[i]``/``scores[i]`` are None when answer i has no ``<seg>``."""
+    """Greedy answers; ``probs[i]``/``scores[i]`` are None when answer i has no ``<seg>``; ``encoded``: the
+    batch's encoded images (reused by ``VMADModel.segment(..., encoded=...)``, so no encoder runs twice)."""
 
     texts: list[str]
     token_ids: list[list[int]]
     probs: list[Tensor | None]
     scores: list[float | None]
+    encoded: EncodedImages | None = None

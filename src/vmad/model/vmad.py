@@ -29,6 +29,7 @@ from vmad.model.llm import add_vmad_tokens
 from vmad.model.ltc import LTC
 from vmad.model.mask_prompt import MaskPrompt, insert_mask_prompt
 from vmad.model.outputs import EncodedImages, GenerationResult, SegmentationResult, VMADOutput
+from vmad.model.prior_prompt import prior_to_frame
 from vmad.model.scoring import image_scores
 from vmad.model.sequence import TokenSequence, first_index, seg_positions, splice
 from vmad.model.summary import model_summary
@@ -99,6 +100,8 @@ class VMADModel(nn.Module):
                 warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
                 llm = get_peft_model(llm, lora)
         self.llm = llm  # Θ (+ LoRA)
+        # greedy decoding: the CPU defaults; the GPU fast path (vmad.model.fastpath) changes them
+        self.decode_options = generation.DecodeOptions()
 
     # ----------------------------------------------------------------- parts
     @property
@@ -127,8 +130,10 @@ class VMADModel(nn.Module):
         return self.new_token_rows.logits(self.base_lm().get_output_embeddings(), hidden)
 
     # ----------------------------------------------------------------- image side
-    def encode_images(self, images: Tensor) -> EncodedImages:
-        """F_I (frozen, no grad) then Ψ (Eq. 1-2)."""
+    def encode_images(self, images: Tensor, priors: Tensor | None = None) -> EncodedImages:
+        """F_I (frozen, no grad) then Ψ (Eq. 1-2). ``priors [B, 1, H', W']``: OURS, the normality prior over
+        each image (:mod:`vmad.model.prior_prompt`; all-NaN rows: none), used only with
+        ``mask_decoder.prior_prompt``."""
         images = images.to(self.device)
         with torch.no_grad():
             last, levels = self.vision_encoder(images)
@@ -136,7 +141,14 @@ class VMADModel(nn.Module):
         dtype = param_dtype(self.projector)
         used = [level.to(dtype) for level in levels[len(levels) - n :]] if n else []
         tokens = self.projector(last.to(dtype), used)
-        return EncodedImages(images, last, list(levels), tokens)
+        if priors is not None:
+            priors = priors.to(self.device, torch.float32)
+            if priors.dim() == 3:
+                priors = priors[:, None]
+            if priors.shape[0] != images.shape[0] or priors.dim() != 4 or priors.shape[1] != 1:
+                got = tuple(priors.shape)
+                raise VMADError(f"priors must be [B, 1, H, W] for {images.shape[0]} images, got {got}")
+        return EncodedImages(images, last, list(levels), tokens, priors)
 
     def backbone_maps(self, encoded: EncodedImages) -> list[Tensor]:
         """The frozen visual backbone's maps ``[B, C_i, h, w]`` (or the shared encoder's tokens as maps),
@@ -147,7 +159,10 @@ class VMADModel(nn.Module):
             return self.visual_backbone(encoded.images)
 
     def image_embeddings(self, encoded: EncodedImages) -> Tensor:
-        """f of Eq. 4 through the trained neck: ``[B, 256, h, w]``."""
+        """f of Eq. 4 through the trained neck: ``[B, 256, h, w]`` (``encoded.embeddings`` when already
+        computed)."""
+        if encoded.embeddings is not None:
+            return encoded.embeddings
         maps = self.backbone_maps(encoded)
         return maps[-1] if self.neck is None else self.neck([m.to(param_dtype(self.neck)) for m in maps])
 
@@ -155,8 +170,11 @@ class VMADModel(nn.Module):
         """Eq. 4-5: H_seg = Γ(H̄_seg); M̄ = M_decoder(H_seg, f), upsampled to ``size``: ``[K, H, W]`` logits."""
         prompts = self.seg_head(h_seg.to(param_dtype(self.seg_head)))[:, None]
         dtype = param_dtype(self.mask_decoder)
-        low = self.mask_decoder(self.image_embeddings(encoded).to(dtype), prompts.to(dtype))
         frame = self.visual_backbone if self.visual_backbone is not None else self.vision_encoder
+        prior = None
+        if encoded.priors is not None and self.config.mask_decoder.prior_prompt:
+            prior = prior_to_frame(encoded.priors, frame.resize, frame.image_size)
+        low = self.mask_decoder(self.image_embeddings(encoded).to(dtype), prompts.to(dtype), prior)
         return frame.to_image(low.float(), size)[:, 0]  # un-pad and un-resize to the image
 
     def mask_probs(self, encoded: EncodedImages, h_seg: Tensor) -> Tensor:
@@ -204,10 +222,15 @@ class VMADModel(nn.Module):
         return seg_positions(ids, self.seg_token_id, self.config.llm.seg_state == "before_seg")
 
     def teacher_forced(
-        self, images: Tensor, ids: Tensor, attention: Tensor, labels: Tensor | None
+        self,
+        images: Tensor,
+        ids: Tensor,
+        attention: Tensor,
+        labels: Tensor | None,
+        priors: Tensor | None = None,
     ) -> tuple[TokenSequence, Tensor, EncodedImages]:
         """Encode, splice, insert the mask prompt (when on) and run the LLM over whole dialogues."""
-        encoded = self.encode_images(images)
+        encoded = self.encode_images(images, priors)
         seq = self.splice_images(ids, attention, encoded, labels)
         if self.mask_prompt is not None:
             seq = insert_mask_prompt(self, encoded, seq)
@@ -220,7 +243,7 @@ class VMADModel(nn.Module):
         device = self.device
         ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         seq, hidden, encoded = self.teacher_forced(
-            batch["images"], ids, attention, batch["labels"].to(device)
+            batch["images"], ids, attention, batch["labels"].to(device), batch.get("priors")
         )
         assert seq.labels is not None
         target = seq.labels[:, 1:]
@@ -251,16 +274,28 @@ class VMADModel(nn.Module):
         )
 
     @torch.no_grad()
-    def segment(self, images: Tensor, question: str | Sequence[str]) -> SegmentationResult:
+    def segment(
+        self,
+        images: Tensor,
+        question: str | Sequence[str],
+        priors: Tensor | None = None,
+        encoded: EncodedImages | None = None,
+    ) -> SegmentationResult:
         """Fast path: ONE forward with the segmentation-only answer (``llm.seg_answer``, "It is <seg>."),
-        then the mask at the input size and the image score. Call ``eval()`` first."""
+        then the mask at the input size and the image score. ``priors``: see :meth:`encode_images`;
+        ``encoded``: these images already encoded (e.g. ``GenerationResult.encoded.rows(...)``), so the
+        frozen encoders are not run again. The batch goes through the encoders, the LLM (right padding,
+        each sample's own ``<seg>``) and the decoder together. Call ``eval()`` first."""
         images = as_image_batch(images)
         n = images.shape[0]
         questions = [question] * n if isinstance(question, str) else list(question)
         enc = tokenize_dialogues(
             self.tokenizer, self.chat_format, questions, [self.config.llm.seg_answer] * n
         )
-        encoded = self.encode_images(images)
+        if encoded is None:
+            encoded = self.encode_images(images, priors)
+        elif encoded.images.shape[0] != n:
+            raise VMADError(f"encoded holds {encoded.images.shape[0]} images, not {n}")
         seq = self.splice_images(
             enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), encoded
         )
@@ -271,10 +306,19 @@ class VMADModel(nn.Module):
         return SegmentationResult(probs=probs, logits=logits, scores=image_scores(probs, self.config.score))
 
     def generate(
-        self, images: Tensor, question: str | Sequence[str], max_new_tokens: int = 64
+        self,
+        images: Tensor,
+        question: str | Sequence[str],
+        max_new_tokens: int = 64,
+        priors: Tensor | None = None,
+        ignore_stop: bool = False,
     ) -> GenerationResult:
-        """Greedy answers and their masks (:func:`vmad.model.generation.generate`). Call ``eval()`` first."""
-        return generation.generate(self, images, question, max_new_tokens)
+        """Greedy answers and their masks (:func:`vmad.model.generation.generate`); ``priors``: see
+        :meth:`encode_images`; ``ignore_stop``: exactly ``max_new_tokens`` tokens (timing). Call ``eval()``
+        first."""
+        return generation.generate(
+            self, images, question, max_new_tokens, priors=priors, ignore_stop=ignore_stop
+        )
 
     def answer_logprobs(
         self, images: Tensor, question: str | Sequence[str], answer: str | Sequence[str], after: str = ""

@@ -38,10 +38,51 @@ def packaged_weights_dir(name: str = "small") -> Path:
     return Path(str(importlib.resources.files("vmad").joinpath(PACKAGED_MODELS[name])))
 
 
+# A `vmad train` output folder: OUTPUT_DIR/final/ (the finished run) and OUTPUT_DIR/checkpoint-<step>/model/.
+TRAIN_FINAL_DIR = "final"
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_MODEL_DIR = "model"
+
+
+def _is_model_folder(folder: Path) -> bool:
+    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+
+
+def checkpoint_model_folders(folder: Path) -> list[Path]:
+    """``checkpoint-<step>/model`` folders holding weights under a training output folder, by step."""
+    found = []
+    for child in folder.iterdir():
+        step = child.name[len(CHECKPOINT_PREFIX):]
+        if child.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and _is_model_folder(
+            child / CHECKPOINT_MODEL_DIR
+        ):
+            found.append((int(step), child / CHECKPOINT_MODEL_DIR))
+    return [path for _, path in sorted(found)]
+
+
+def _training_folder(folder: Path) -> Path:
+    """The weights of a ``vmad train`` output folder: its ``final/``; VMADError naming the checkpoints when
+    the run has not finished (or saying it is no model folder at all)."""
+    if _is_model_folder(folder / TRAIN_FINAL_DIR):
+        return folder / TRAIN_FINAL_DIR
+    checkpoints = checkpoint_model_folders(folder)
+    if checkpoints:
+        listed = ", ".join(str(p) for p in checkpoints[-5:])
+        raise VMADError(
+            f"{folder}: a training output folder without final/ (the run has not finished; `vmad train ... "
+            f"--resume` continues it); pass one of its checkpoints' weights: {listed}"
+        )
+    if (folder / TRAIN_FINAL_DIR).is_dir() or (folder / "log.jsonl").is_file():
+        raise VMADError(f"{folder}: a training output folder with no weights yet (no final/, no checkpoint)")
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
+    raise VMADError(f"{folder}: not a VMAD checkpoint folder (missing {', '.join(missing)})")
+
+
 def resolve_model_path(model: str | Path) -> Path:
     """``"small"`` -> the packaged weights folder; anything else is a folder written by
-    :func:`save_trainable` (training's ``final/``; a folder literally named ``small`` is ``./small``).
-    A clear VMADError when the files are missing."""
+    :func:`save_trainable` (training's ``final/``, a checkpoint's ``model/``; a folder literally named
+    ``small`` is ``./small``) or a ``vmad train`` output folder, which gives its ``final/`` (VMADError
+    listing its checkpoints when there is none). A clear VMADError when the files are missing."""
     if isinstance(model, str) and model in PACKAGED_MODELS:
         folder = packaged_weights_dir(model)
         if not ((folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()):
@@ -53,10 +94,9 @@ def resolve_model_path(model: str | Path) -> Path:
     folder = Path(model).expanduser()
     if not folder.is_dir():
         raise VMADError(f"{folder}: no such model folder (expected 'small' or a checkpoint folder)")
-    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
-    if missing:
-        raise VMADError(f"{folder}: not a VMAD checkpoint folder (missing {', '.join(missing)})")
-    return folder
+    if _is_model_folder(folder):
+        return folder
+    return _training_folder(folder)
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:

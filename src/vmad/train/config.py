@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vmad.config import apply_overrides, check_choices, from_mapping, merge, to_dict
+from vmad.data.dataset import DataOptions
 from vmad.errors import ConfigError
 from vmad.model.config import VMADConfig, upgrade_legacy_model
 from vmad.model.dssl import DSSLConfig
@@ -29,6 +30,7 @@ FREEZABLE = (
     "neck",
     "mask_decoder",
     "mask_prompt",
+    "new_token_rows",
     "new_token_embed",
     "new_token_out",
     "lora",
@@ -57,6 +59,15 @@ class DataConfig:
             and backbone input sizes; each module resizes further itself).
         tasks: task-type ratios.
         num_workers: DataLoader worker processes (0 = load in the main process).
+        options: the readers' options (:class:`vmad.data.DataOptions`, as ``--mask-name`` / ``--data-opt``
+            of ``vmad data inspect``; ``vmad train --mask-name`` / ``--data-opt`` set them). OURS: for
+            training, a folder-format dataset without split folders is the ``train`` split (unless
+            ``options.folder.default_split`` says otherwise; ``vmad data inspect`` and ``vmad eval`` read it
+            as ``test``).
+        prior_group_size: OURS, for ``model.mask_decoder.prior_prompt``: training images of a class are
+            scored for their normality prior in groups of this size (:mod:`vmad.train.priors`).
+        prior_dropout: OURS: fraction of samples trained without their prior (the model must also work
+            without one: a single image with no references).
     """
 
     root: str | None = None
@@ -66,6 +77,9 @@ class DataConfig:
     image_size: int | None = None
     tasks: TaskRatioConfig = field(default_factory=TaskRatioConfig)
     num_workers: int = 0
+    options: DataOptions = field(default_factory=DataOptions)
+    prior_group_size: int = 64
+    prior_dropout: float = 0.25
 
 
 @dataclass
@@ -96,9 +110,9 @@ class TrainLoopConfig:
             model section must describe the same model; optimizer, schedule and DSSL (heads, memory) start
             fresh.
         freeze: trained parts kept fixed in this run, by name: ``projector``, ``seg_head``, ``neck``,
-            ``mask_decoder``, ``mask_prompt``, ``new_token_embed``, ``new_token_out``, ``lora`` (with
-            ``init_from``: e.g. keep the masks of a trained model while its answers are fine-tuned). They are
-            still saved with the rest.
+            ``mask_decoder``, ``mask_prompt``, ``new_token_rows`` (or one of its two matrices,
+            ``new_token_embed`` / ``new_token_out``), ``lora`` (with ``init_from``: e.g. keep the masks of a
+            trained model while its answers are fine-tuned). They are still saved with the rest.
     """
 
     max_steps: int = 0
@@ -189,7 +203,8 @@ class TrainConfig:
         return max(self.model.vision.image_size, self.model.backbone.image_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        """A plain nested dict, tuples as lists (as JSON and YAML give them back)."""
+        return _lists(to_dict(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -198,6 +213,15 @@ class TrainConfig:
         if "model" in data:
             data["model"] = resolve_model_section(data["model"])
         return from_mapping(cls, data, "").validate()
+
+
+def _lists(value: Any) -> Any:
+    """``value`` with every tuple turned into a list, recursively."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
 
 
 def resolve_model_section(section: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -242,13 +266,37 @@ def normalize_saved_config(data: Mapping[str, Any]) -> dict[str, Any]:
     return TrainConfig.from_dict(data).to_dict()
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The YAML files shipped in the package (``vmad/configs/``) by name: ``tiny``, ``small``, ``paper``,
+    ``vmad_small``, ... and ``accelerate/ddp``, ``accelerate/deepspeed_zero2`` (for ``accelerate launch``)."""
+    import importlib.resources
+
+    root = Path(str(importlib.resources.files("vmad").joinpath("configs")))
+    if not root.is_dir():
+        return {}
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def resolve_config_path(ref: str | Path) -> Path:
+    """A training config given as a file path (used when the file exists) or as the name of a packaged
+    config (``tiny``, ``vmad_small_stage2``; ``.yaml`` optional); ConfigError listing the names otherwise."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    configs = packaged_configs()
+    name = str(ref)[: -len(".yaml")] if str(ref).endswith(".yaml") else str(ref)
+    if name in configs:
+        return configs[name]
+    names = ", ".join(n for n in configs if not n.startswith("accelerate/"))
+    raise ConfigError(f"{ref}: no such config file, nor a packaged config name (names: {names})")
+
+
 def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a training YAML file, apply ``--set`` overrides, resolve the model preset, validate."""
+    """Read a training YAML file (a path, or a packaged config's name: :func:`resolve_config_path`), apply
+    ``--set`` overrides, resolve the model preset, validate."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    path = resolve_config_path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

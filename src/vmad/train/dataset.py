@@ -4,13 +4,19 @@ Each item is drawn for a ``(epoch, index)`` pair: the task and question come fro
 ``(seed, epoch, index)``, so the data a step sees depends only on the seed and the step, never on worker
 processes or on where a run was resumed. The order is :class:`EpochBatches`: a seeded permutation per
 epoch, padded by wrapping to a multiple of ``world_size * batch_size`` and dealt round-robin to the ranks.
+
+Any dataset the readers read can be trained on (OURS): :func:`load_training_samples` reads a plain folder
+(no split folders) as the train split, and an anomalous sample without text answers (every format but RIAD
+has none) is trained on the segmentation task only, with a message saying how many (normal samples get the
+"no defect" answers). ``vmad data build-riad`` writes templated answers for all three tasks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +28,40 @@ from vmad.data.io import read_image, read_mask
 from vmad.data.prompts import IMAGE_TOKEN, SEG_TOKEN, TaskRatios, build_conversation
 from vmad.data.records import Sample
 from vmad.data.text import normal_description
+from vmad.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vmad.train.config import DataConfig
+
+#: The task mix of an anomalous sample without text answers: segmentation only.
+SEG_ONLY = TaskRatios(seg=1.0, seg_answer=0.0, vqa=0.0)
+
+
+def load_training_samples(data: DataConfig) -> list[Sample]:
+    """The samples ``data`` selects: ``data.root`` read with ``data.options`` (a folder-format dataset
+    without split folders as the train split unless ``options.folder.default_split`` is set), then
+    ``data.split`` and ``data.classes``; ConfigError saying what to set when nothing is left."""
+    from vmad.data import load_dataset
+
+    if not data.root:
+        raise ConfigError("data.root is not set (e.g. --set data.root=PATH)")
+    options = data.options
+    if options.folder.default_split is None:
+        options = replace(options, folder=replace(options.folder, default_split="train"))
+    ds = load_dataset(data.root, data.format, options)
+    split = data.split
+    samples = list(ds.samples) if split is None else (ds.select(split=split) if split in ds.splits() else [])
+    if data.classes is not None:
+        unknown = sorted(set(data.classes) - set(ds.class_names()))
+        if unknown:
+            raise ConfigError(f"data.classes: {unknown} not in {ds.class_names()}")
+        samples = [s for s in samples if s.class_name in set(data.classes)]
+    if not samples:
+        hint = "; train on another split with --set data.split=NAME, or on all with --set data.split=null"
+        raise ConfigError(
+            f"{data.root}: no training samples for split {data.split!r} (splits: {ds.splits()}){hint}"
+        )
+    return samples
 
 
 def fallback_description(class_name: str) -> str:
@@ -40,6 +80,7 @@ class TrainItem:
     class_name: str
     is_normal: bool
     normal_description: str
+    prior: Tensor | None = None  # [1, S, S] normality prior (OURS, prior_prompt models), all NaN: none
 
 
 class InstructionDataset(Dataset):
@@ -56,8 +97,17 @@ class InstructionDataset(Dataset):
         ratios: TaskRatios,
         seed: int = 0,
         seg_token: str = SEG_TOKEN,
+        priors: Mapping[str, np.ndarray] | None = None,
+        prior_dropout: float = 0.0,
+        announce: bool = True,
     ) -> None:
         self.samples = list(samples)
+        # anomalous samples without text answers: segmentation task only (module docstring)
+        self.seg_only = frozenset(i for i, x in enumerate(self.samples) if x.is_anomalous and not x.answers)
+        if self.seg_only and announce:
+            print(self.fallback_message(), file=sys.stderr)
+        self.priors = priors
+        self.prior_dropout = prior_dropout
         self.image_size = image_size
         self.ratios = ratios
         self.seed = seed
@@ -65,6 +115,17 @@ class InstructionDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def fallback_message(self) -> str:
+        """What happens to the anomalous samples without text answers (empty when there are none)."""
+        if not self.seg_only:
+            return ""
+        n_anomalous = sum(x.is_anomalous for x in self.samples)
+        return (
+            f"note: {len(self.seg_only)} of {n_anomalous} anomalous training samples have no text answers "
+            "(only RIAD data has them): they are trained on the segmentation task only; `vmad data "
+            "build-riad --from DIR` writes templated answers for all three tasks"
+        )
 
     def class_sizes(self) -> dict[str, int]:
         sizes: dict[str, int] = {}
@@ -77,12 +138,25 @@ class InstructionDataset(Dataset):
         im = Image.fromarray(read_image(sample.image_path)).resize(size, Image.Resampling.BILINEAR)
         return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
+    def load_prior(self, sample: Sample, rng: np.random.Generator) -> Tensor | None:
+        """The sample's prior stretched to ``image_size`` as the image is, or all NaN when it has none or
+        the draw drops it (``prior_dropout``: the model also learns to work without); None without priors."""
+        if self.priors is None:
+            return None
+        size = (self.image_size, self.image_size)
+        prior = self.priors.get(str(sample.image_path))
+        if prior is None or rng.random() < self.prior_dropout:
+            return torch.full((1, *size), float("nan"))
+        t = torch.from_numpy(np.asarray(prior, dtype=np.float32))[None, None]
+        return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)[0]
+
     def __getitem__(self, key: int | tuple[int, int]) -> TrainItem:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         sample = self.samples[index]
         full_mask = read_mask(sample)
         rng = np.random.default_rng([self.seed, epoch + 1, index])  # epoch -1: DSSL prefill
-        conv = build_conversation(sample, rng, self.ratios, mask=full_mask)
+        ratios = SEG_ONLY if index in self.seg_only else self.ratios
+        conv = build_conversation(sample, rng, ratios, mask=full_mask)
         small = full_mask
         if full_mask.shape != (self.image_size, self.image_size):
             small = read_mask(sample, (self.image_size, self.image_size))
@@ -100,12 +174,16 @@ class InstructionDataset(Dataset):
             class_name=sample.class_name,
             is_normal=not sample.is_anomalous,
             normal_description=sample.normal_description or fallback_description(sample.class_name),
+            prior=self.load_prior(sample, np.random.default_rng([self.seed, epoch + 1, index, 1])),
         )
 
 
 def collate(items: Sequence[TrainItem]) -> dict[str, Any]:
-    """Stack images / masks; lists for the text fields."""
+    """Stack images / masks (and priors when the items carry them); lists for the text fields."""
+    priors = [it.prior for it in items]
+    extra = {"priors": torch.stack(priors)} if all(p is not None for p in priors) else {}
     return {
+        **extra,
         "images": torch.stack([it.image for it in items]),
         "masks": torch.stack([it.mask for it in items]),
         "questions": [it.question for it in items],

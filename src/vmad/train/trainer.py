@@ -40,6 +40,7 @@ from vmad.train.config import TrainConfig, normalize_saved_config
 from vmad.train.dataset import EpochBatches, InstructionDataset, batches_per_epoch, collate
 from vmad.train.dssl_loss import DSSLLoss
 from vmad.train.losses import LossTerms, TrainingModule, VMADLoss
+from vmad.train.priors import training_priors
 
 LOG_NAME = "log.jsonl"
 DSSL_WEIGHTS = "dssl.safetensors"  # DSSL heads and Meta-Net in a checkpoint (not in final/)
@@ -92,15 +93,20 @@ def lr_factor(step: int, warmup: int, total: int, kind: str, floor: float) -> fl
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+# train.freeze names whose parameters are not a top-level module (the two matrices of the added token rows)
+PART_PREFIXES = {"new_token_embed": "new_token_rows.embed", "new_token_out": "new_token_rows.out"}
+
+
 def freeze_parts(model: nn.Module, parts: Sequence[str]) -> int:
     """Stop training the named parts (``train.freeze``: top-level module names, ``lora`` = the LoRA weights);
     returns how many parameters were frozen. A part this model does not train is an error."""
     frozen = 0
     for part in parts:
+        prefix = PART_PREFIXES.get(part, part + ".")
         hit = [
             p
             for n, p in model.named_parameters()
-            if p.requires_grad and (("lora_" in n) if part == "lora" else n.split(".")[0] == part)
+            if p.requires_grad and (("lora_" in n) if part == "lora" else n.startswith(prefix))
         ]
         if not hit:
             raise ConfigError(f"train.freeze: this model trains no '{part}' parameters")
@@ -126,23 +132,10 @@ def _seed_all(seed: int) -> None:
 
 
 def _load_samples(cfg: TrainConfig) -> list:
-    from vmad.data import load_dataset
+    """The training samples (:func:`vmad.train.dataset.load_training_samples`)."""
+    from vmad.train.dataset import load_training_samples
 
-    if not cfg.data.root:
-        raise ConfigError("data.root is not set (e.g. --set data.root=PATH)")
-    ds = load_dataset(cfg.data.root, cfg.data.format)
-    split = cfg.data.split
-    samples = list(ds.samples) if split is None else (ds.select(split=split) if split in ds.splits() else [])
-    if cfg.data.classes is not None:
-        unknown = sorted(set(cfg.data.classes) - set(ds.class_names()))
-        if unknown:
-            raise ConfigError(f"data.classes: {unknown} not in {ds.class_names()}")
-        samples = [s for s in samples if s.class_name in set(cfg.data.classes)]
-    if not samples:
-        raise ConfigError(
-            f"{cfg.data.root}: no training samples for split {cfg.data.split!r} (splits: {ds.splits()})"
-        )
-    return samples
+    return load_training_samples(cfg.data)
 
 
 class Trainer:
@@ -164,16 +157,13 @@ class Trainer:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.out = Path(cfg.output_dir)
         _seed_all(t.seed + self.rank)
-        init_from = None
-        if t.init_from:  # checked before the data is read
-            init_from = resolve_model_path(t.init_from)
+        init_from = resolve_model_path(t.init_from) if t.init_from else None  # checked before reading data
         samples = _load_samples(cfg)
         self.model = build_vmad(cfg.model)
-        if init_from is not None:  # parts this model adds (the OURS mask prompt) start fresh
-            fresh = self.model.load_trainable(init_from, keep_fresh=("mask_prompt.",))
-            if fresh and self.rank == 0:
-                print(f"{init_from}: {len(fresh)} mask_prompt tensors not in it start fresh", file=sys.stderr)
-        freeze_parts(self.model, t.freeze)
+        self._init_model(init_from)
+        priors = None
+        if self.model.config.mask_decoder.prior_prompt:  # OURS: computed once, cached in output_dir
+            priors = training_priors(samples, self.out, cfg.data.prior_group_size, t.seed, self.rank == 0)
         tasks = cfg.data.tasks
         self.dataset = InstructionDataset(
             samples,
@@ -181,6 +171,8 @@ class Trainer:
             TaskRatios(tasks.seg, tasks.seg_answer, tasks.vqa),
             t.seed,
             self.model.config.llm.seg_token,
+            priors,
+            cfg.data.prior_dropout,
         )
         self.dssl: DSSLLoss | None = None
         if t.dssl:
@@ -208,6 +200,17 @@ class Trainer:
         self.wrapped, self.opt = self.acc.prepare(self.training_module, self.optimizer)
         self.step = 0
         self.pos = DataPosition()
+
+    def _init_model(self, init_from: Path | None) -> None:
+        """Load ``train.init_from`` (parts it lacks, the OURS mask and prior prompts, start fresh), then
+        freeze ``train.freeze``."""
+        if init_from is not None:
+            new_parts = ("mask_prompt.", "mask_decoder.prior_prompt.")
+            fresh = self.model.load_trainable(init_from, keep_fresh=new_parts)
+            if fresh and self.rank == 0:
+                print(f"{init_from}: {len(fresh)} tensors not in it start fresh (mask prompt / prior prompt)",
+                      file=sys.stderr)
+        freeze_parts(self.model, self.cfg.train.freeze)
 
     def _optimizer_and_schedule(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """AdamW over the trained parameters and its warmup + cosine (or constant) schedule."""
@@ -249,6 +252,8 @@ class Trainer:
         batch["class_names"] = raw["class_names"]
         batch["is_normal"] = raw["is_normal"].to(device)
         batch["normal_descriptions"] = raw["normal_descriptions"]
+        if "priors" in raw:
+            batch["priors"] = raw["priors"].to(device)
         return batch
 
     def _prefill(self) -> None:

@@ -1,0 +1,40 @@
+"""Command-line options shared by several subcommands (one definition each)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_baseline_opt(parser: argparse.ArgumentParser) -> None:
+    """``--baseline-opt KEY=VALUE`` (repeatable): a baseline config field."""
+    parser.add_argument(
+        "--baseline-opt",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="a baseline config field (repeatable), e.g. --baseline-opt image_size=320",
+    )
+
+
+def add_interactive_options(parser: argparse.ArgumentParser, verdict_per: str) -> None:
+    """The inference options of ``vmad chat`` and ``vmad serve``: thresholds, answer length, image size
+    limit, overlay opacity and device; ``verdict_per`` names what gets a verdict ("turn", "image")."""
+    parser.add_argument(
+        "--threshold-file",
+        metavar="FILE",
+        help=f"a `vmad calibrate` threshold file for this model: a verdict per {verdict_per}, and the mask "
+        "threshold",
+    )
+    parser.add_argument(
+        "--threshold", type=float, help="mask = probability > T (default: the threshold file's, else 0.5)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="answer length limit")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=4_194_304,
+        metavar="N",
+        help="images with more than N pixels are processed at a reduced size (2048x2048)",
+    )
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay heat-map opacity (0.5)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")

@@ -1,0 +1,68 @@
+"""Zero-shot normality priors (vmad.baselines.prior) with a hand-made feature function."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vmad.baselines.musc import MuScConfig, MuScScorer
+from vmad.baselines.prior import PriorConfig, compute_priors, standardize
+from vmad.errors import VMADError
+
+
+def pixel_features(images):
+    """Levels = the images themselves at 1/8 resolution (a defect is a patch unlike the others)."""
+    x = torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32) / 255).permute(2, 0, 1)
+                     for i in images])
+    x = F.interpolate(x, size=(8, 8), mode="area")
+    return [x], x.mean(dim=(2, 3))
+
+
+def scorer() -> MuScScorer:
+    return MuScScorer(MuScConfig(image_size=64, grid_stride=8, degrees=(1,), rscin_k=(), map_size=16),
+                      features=pixel_features)
+
+
+def images(n: int, defect: int | None = None) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    xs, ys = np.meshgrid(np.linspace(60, 200, 64), np.linspace(40, 160, 48))
+    ramp = np.stack([xs, ys, np.full((48, 64), 120.0)], -1)
+    out = [(ramp + rng.integers(-2, 3, (48, 64, 3))).astype(np.uint8) for _ in range(n)]  # the same part
+    if defect is not None:
+        out[defect][6:18, 40:56] = (250, 30, 30)  # a red stain: unlike every grey patch
+    return out
+
+
+def test_standardize_centres_and_scales() -> None:
+    values = np.random.default_rng(0).normal(5.0, 2.0, (40, 16, 16)).astype(np.float32)
+    z = standardize(values)
+    assert abs(float(np.median(z))) < 1e-5
+    assert abs(float(np.median(np.abs(z))) * 1.4826 - 1.0) < 1e-3
+
+
+def test_folder_prior_marks_the_defect_in_its_own_frame() -> None:
+    pr = compute_priors(images(6, defect=2), config=PriorConfig(map_side=32), scorer=scorer())
+    assert pr.mode == "folder"
+    m = pr.maps[2]
+    assert m.shape == (24, 32)  # longest side 32, the image's aspect
+    assert m[3:9, 20:28].mean() > 3 * float(np.abs(m[15:, :12]).max())  # the stain stands out
+    assert max(float(pr.maps[i].max()) for i in (0, 1, 3)) < float(m.max()) / 3
+    assert int(np.argmax(pr.image_scores)) == 2
+    stacked = pr.tensor([2, 0])
+    assert stacked.shape == (2, 1, 24, 32) and torch.equal(stacked[0, 0], torch.from_numpy(m))
+
+
+def test_modes_and_missing_priors() -> None:
+    s = scorer()
+    assert compute_priors(images(1), scorer=s).mode == "none"
+    assert compute_priors(images(1), scorer=s).tensor() is None
+    one = compute_priors(images(1, defect=0), references=images(5), config=PriorConfig(map_side=32), scorer=s)
+    y, x = np.unravel_index(int(np.argmax(one.maps[0])), one.maps[0].shape)
+    assert one.mode == "references" and 2 <= y <= 10 and 19 <= x <= 29  # the peak is on the stain
+    assert compute_priors(images(3), references=images(2), scorer=s).mode == "folder+references"
+    refs_only = compute_priors(images(2, defect=1), references=images(3), use_folder=False, scorer=s)
+    assert refs_only.mode == "references" and float(refs_only.maps[1].max()) > float(refs_only.maps[0].max())
+    with pytest.raises(VMADError, match="no images"):
+        compute_priors([], scorer=s)

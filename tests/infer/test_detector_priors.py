@@ -1,0 +1,88 @@
+"""Normality priors (OURS) through the Detector and the evaluation scorer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vmad.infer.detector import Detector, DetectorConfig, VMADScorer
+from vmad.model.build import build_vmad
+from vmad.model.prior_prompt import SKIP_GAIN
+from vmad_testing import tiny_config
+
+
+@pytest.fixture(scope="module")
+def prior_detector() -> Detector:
+    cfg = tiny_config()
+    cfg.mask_decoder.prior_prompt = True
+    torch.manual_seed(0)
+    model = build_vmad(cfg)
+    with torch.no_grad():
+        model.mask_decoder.prior_prompt.skip_weight.fill_(1.0 / SKIP_GAIN)  # as if trained: w = 1
+    return Detector(model, DetectorConfig(device="cpu", batch_size=2))
+
+
+def parts(n: int, stain: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    out = [np.clip(rng.normal(128, 4, (64, 64, 3)), 0, 255).astype(np.uint8) for _ in range(n)]
+    out[stain][8:24, 36:52] = (240, 30, 30)
+    return out
+
+
+def test_folder_priors_reach_the_masks(prior_detector: Detector) -> None:
+    images = parts(4, stain=1)
+    with_prior = prior_detector.detect(images)
+    assert [d.prior for d in with_prior] == ["folder"] * 4
+    assert all(d.summary()["prior"] == "folder" for d in with_prior)
+    off = Detector(prior_detector.model, DetectorConfig(device="cpu", batch_size=2, prior="off"))
+    plain = off.detect(images)
+    assert all(d.prior is None for d in plain)
+    lift = with_prior[1].probability_map - plain[1].probability_map
+    assert lift[8:24, 36:52].mean() > 0.2 and abs(lift[48:, :16]).max() < lift[8:24, 36:52].mean()
+
+
+def test_single_image_goes_without_and_references_give_one(prior_detector: Detector) -> None:
+    images = parts(4, stain=0)
+    [alone] = prior_detector.detect(images[0])
+    assert alone.prior == "none"
+    priors = prior_detector.normality_priors([images[0]], references=images[1:])
+    [with_refs] = prior_detector.detect(images[0], priors=priors)
+    assert with_refs.prior == "references"
+    stain = (slice(8, 24), slice(36, 52))
+    assert float(with_refs.probability_map[stain].mean()) > float(alone.probability_map[stain].mean())
+
+
+def test_scorer_takes_a_whole_class_when_the_model_uses_priors(prior_detector: Detector) -> None:
+    scorer = VMADScorer(detector=prior_detector, config=prior_detector.config)
+    assert scorer.images_per_call is None  # mutual scoring needs every image of the class
+    out = scorer.score(parts(3, stain=2), "part")
+    assert int(np.argmax(out.image_scores)) == 2
+    off = VMADScorer(detector=prior_detector, config=DetectorConfig(device="cpu", batch_size=2, prior="off"))
+    assert off.images_per_call == 2
+
+
+def test_detect_cli_scores_priors_over_the_whole_folder(prior_detector, tmp_path, monkeypatch) -> None:
+    import json
+
+    from PIL import Image
+
+    from vmad.cli import main
+    from vmad.infer import detector as detector_module
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, image in enumerate(parts(5, stain=3)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    monkeypatch.setattr(detector_module.Detector, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: prior_detector))
+    seen = []
+    real = prior_detector.normality_priors
+    monkeypatch.setattr(prior_detector, "normality_priors", lambda images, refs=(): seen.append(len(images))
+                        or real(images, refs))
+    assert main(["detect", str(folder), "--out", str(tmp_path / "out"), "--no-answer", "--batch-size", "2",
+                 "--no-progress"]) == 0
+    assert seen == [5]  # one mutual scoring over the folder, not one per batch of 2
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["images"]
+    assert [r["prior"] for r in rows] == ["folder"] * 5
+    assert max(rows, key=lambda r: r["score"])["file"].endswith("3.png")
