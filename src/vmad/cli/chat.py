@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from vmad.cli.options import add_interactive_options
+from vmad.cli.options import add_interactive_options, interactive_config
 
 if TYPE_CHECKING:
     import numpy as np
@@ -92,16 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _checked_config(args: argparse.Namespace) -> DetectorConfig:
     from vmad.errors import VMADError
-    from vmad.infer.detector import DetectorConfig
 
-    config = DetectorConfig(
-        threshold=0.5 if args.threshold is None else args.threshold,
-        batch_size=1,
-        max_new_tokens=args.max_new_tokens,
-        device=args.device,
-        max_pixels=args.max_pixels,
-    ).validate()
-    config.torch_device()
+    config = interactive_config(args)
     if not 0.0 <= args.alpha <= 1.0:
         raise VMADError(f"--alpha must be in [0, 1], got {args.alpha}")
     return config

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vmad.infer.detector import DetectorConfig
 
 
 def add_baseline_opt(parser: argparse.ArgumentParser) -> None:
@@ -38,3 +42,19 @@ def add_interactive_options(parser: argparse.ArgumentParser, verdict_per: str) -
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay heat-map opacity (0.5)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+
+
+def interactive_config(args: argparse.Namespace) -> DetectorConfig:
+    """The checked :class:`DetectorConfig` of :func:`add_interactive_options` (one image at a time; a
+    ConfigError for a bad value or an unusable device)."""
+    from vmad.infer.detector import DetectorConfig
+
+    config = DetectorConfig(
+        threshold=0.5 if args.threshold is None else args.threshold,
+        batch_size=1,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        max_pixels=args.max_pixels,
+    ).validate()
+    config.torch_device()
+    return config

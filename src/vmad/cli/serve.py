@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmad.cli.options import add_interactive_options
+from vmad.cli.options import add_interactive_options, interactive_config
 
 if TYPE_CHECKING:
     from vmad.infer.detector import DetectorConfig
@@ -102,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _checked_settings(args: argparse.Namespace) -> tuple[UploadLimits, DetectorConfig]:
     from vmad.errors import VMADError
-    from vmad.infer.detector import DetectorConfig
     from vmad.web.limits import MB, UploadLimits
 
     if not 1 <= args.port <= 65535:
@@ -118,14 +117,7 @@ def _checked_settings(args: argparse.Namespace) -> tuple[UploadLimits, DetectorC
         max_batch_files=args.max_batch_files,
         max_zip_bytes=int(args.max_zip_mb * MB),
     ).validate()
-    config = DetectorConfig(
-        threshold=0.5 if args.threshold is None else args.threshold,
-        batch_size=1,
-        max_new_tokens=args.max_new_tokens,
-        device=args.device,
-        max_pixels=args.max_pixels,
-    ).validate()
-    config.torch_device()
+    config = interactive_config(args)
     return limits, config
 
 
