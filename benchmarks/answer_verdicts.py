@@ -11,6 +11,12 @@ verdict of the binary mask itself (non-empty = anomalous; `vmad detect`'s mask, 
 reference, and how often the answer's verdict agrees with it (is the answer grounded in the mask shown?).
 
     python benchmarks/answer_verdicts.py --model small --out benchmarks/results/answer_verdicts.md
+
+OURS options: ``--answer-verdict evidence`` (the segmentation verdict fixes whether the answer says "No defect
+was found", `DetectorConfig.answer_verdict`); ``--n-calib N``: per class the first N normal test images (by
+name) calibrate the image threshold (`Detector.calibrate`, the `vmad calibrate` rule) and are left out of the
+judged images. A model with a normality prior gets each image's prior by mutual scoring over its class's test
+images (folder mode, as `vmad eval`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from vmad.data import load_dataset, read_image
 from vmad.data.text import normal_answers
 from vmad.eval.engine import subsample
 from vmad.eval.metrics import image_auroc
-from vmad.infer.detector import Detector
+from vmad.infer.detector import Detector, DetectorConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_SETS = ("mvtec_ad/bottle", "mpdd_metal_plate", "magnetic_tile:60", "neu_seg:60")
@@ -49,24 +55,36 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     parser.add_argument("--sets", nargs="*", default=list(DEFAULT_SETS),
                         help="dataset[:max_per_class] under ../shared/data (test split)")
+    parser.add_argument("--answer-verdict", choices=("model", "evidence"), default="model")
+    parser.add_argument("--n-calib", type=int, default=0,
+                        help="normal test images per class that calibrate the image threshold (0 = none)")
     args = parser.parse_args()
     if not SHARED.is_dir():
         print(f"skip: {SHARED} is absent", file=sys.stderr)
         return 0
-    detector = Detector.from_pretrained(args.model)
+    config = DetectorConfig(answer_verdict=args.answer_verdict)
     rows = []
     for spec in args.sets:
         name, _, cap = spec.partition(":")
         dataset = load_dataset(SHARED / name)
         for class_name in dataset.class_names():
+            detector = Detector.from_pretrained(args.model, config=config)
             samples = subsample(dataset.select(class_name=class_name, split="test"), int(cap or 0) or None)
+            images = [read_image(s.image_path) for s in samples]
+            priors = detector.normality_priors(images)
+            calib = sorted((s.image_path, i) for i, s in enumerate(samples) if s.label == 0)[: args.n_calib]
+            if calib:
+                detector.calibrate([images[i] for _, i in calib], class_name=class_name,
+                                   priors=None if priors is None else priors.subset([i for _, i in calib]))
+            judged = [i for i in range(len(samples)) if i not in {i for _, i in calib}]
             labels, normal_said, scores, text_scores, mask_hit = [], [], [], [], []
             question = detector.default_question(class_name, answer=True)
             seg_answer = detector.model.config.llm.seg_answer
             normal = f"{seg_answer} {normal_answers(class_name)['description']}"
-            for sample in samples:
-                image = read_image(sample.image_path)
-                [det] = detector.detect([image], class_name=class_name, answer=True)
+            for i in judged:
+                sample, image = samples[i], images[i]
+                extra = {} if priors is None else {"priors": priors.subset([i])}
+                [det] = detector.detect([image], class_name=class_name, answer=True, **extra)
                 labels.append(sample.label)
                 normal_said.append(says_normal(det.answer or "", class_name))
                 scores.append(det.anomaly_score)
@@ -96,12 +114,16 @@ def main() -> int:
     details = [
         f"- VMAD weights: `{args.model}`; answer mode with the default question (segmentation + description,",
         "  object = class name), greedy generation, 96 new tokens at most; one image at a time",
+        f"- answer verdict: `{args.answer_verdict}`; image threshold: "
+        + (f"calibrated on the first {args.n_calib} normal test images of each class (left out of the counts)"
+           if args.n_calib else "none"),
     ]
     notes = [
         'Values in percent. "normal said normal": share of normal images whose answer opens with "No defect',
         'was found"; "anomalous said defect": share of anomalous images whose answer does not; balanced',
         "acc.: their mean (50 = no better than a constant answer). Text-score Img AUROC: the images ranked",
-        "by -log p(normal description | image, question, \"It is <seg>.\"); mask-score Img AUROC: ranked by",
+        "by -log p(normal description | image, question, \"It is <seg>.\"; without a normality prior);",
+        "mask-score Img AUROC: ranked by",
         "the mask-based image score (`vmad eval`'s image score). Mask verdict: anomalous when the binary",
         "mask (probability > 0.5) is non-empty; answer agrees with mask: share of images where the answer's",
         "verdict equals the mask verdict.",

@@ -23,13 +23,13 @@ from vmad.eval.tables import pct, secs
 from vmad.infer.detector import build_scorer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-# (dataset folder under ../shared/data, at most this many test images per class: None = all). Large test
-# splits are subsampled evenly over the class (the engine's rule) to keep MuSc's N^2 cost bounded on 2 cores.
+# (dataset folder under ../shared/data, at most this many test images per class: None = all; `--sets
+# NAME:CAP` subsamples evenly over the class, the engine's rule). Default: every test image.
 DEFAULT_SETS: tuple[tuple[str, int | None], ...] = (
     ("mvtec_ad/bottle", None),
     ("mpdd_metal_plate", None),
-    ("magnetic_tile", 140),
-    ("neu_seg", 150),
+    ("magnetic_tile", None),
+    ("neu_seg", None),
 )
 KEYS = (("image_auroc", "Img AUROC"), ("pixel_auroc", "Pixel AUROC"), ("aupro", "AUPRO"),
         ("image_ap", "Img AP"), ("pixel_ap", "Pixel AP"))
@@ -67,6 +67,9 @@ def main() -> int:
                         help="a VMAD model to score (repeatable; default 'VMAD-small=small'); @off: a "
                         "prior_prompt model run without its normality prior (single-image mode)")
     parser.add_argument("--no-musc", action="store_true", help="leave MuSc out")
+    parser.add_argument("--musc-group-size", type=int, default=200, metavar="N",
+                        help="MuSc scores a class of more than N images in interleaved groups of at most N "
+                        "(MuScConfig.group_size; the normality priors use 200 too); 0 = all at once")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for the per-run results")
     parser.add_argument("--sets", nargs="*", help="dataset[:max_per_class] under ../shared/data")
@@ -82,17 +85,20 @@ def main() -> int:
         label: build_scorer(model, prior=prior) for label, model, prior in specs
     }
     if not args.no_musc:
-        scorers["MuSc (folder)"] = build_baseline("musc")
+        scorers["MuSc (folder)"] = build_baseline("musc", group_size=args.musc_group_size)
     rows = run_rows(scorers, sets, args.out_dir)
     head = ["Data (test split)", "Method", "images"] + [h for _, h in KEYS] + ["s/img model"]
     details = [
         "- VMAD models: " + "; ".join(f"{lab} = `{model}` (prior: {prior})" for lab, model, prior in specs),
-        "- MuSc: `MuScConfig` defaults (EfficientNet-Lite0), mutual scoring over each class's test images",
+        "- MuSc: `MuScConfig` defaults (EfficientNet-Lite0), mutual scoring over each class's test images,",
+        f"  in interleaved groups of at most {args.musc_group_size} images (0 = all at once); priors: groups",
+        "  of at most 200",
         "- mode: prior `folder` = the normality prior of each image by mutual scoring over its class's test",
         "  images (vmad.baselines.prior; only models trained with mask_decoder.prior_prompt use it);",
         "  `off` = single-image mode, no prior",
-        "- engine: `vmad eval` defaults (bilinear resize to each mask, Gaussian sigma 4 mask px); large test",
-        "  splits capped per class, evenly spaced: " + ", ".join(f"{n} {c or 'all'}" for n, c in sets),
+        "- engine: `vmad eval` defaults (bilinear resize to each mask, Gaussian sigma 4 mask px); test",
+        "  images per class (a cap = evenly spaced subsample): "
+        + ", ".join(f"{n} {c or 'all'}" for n, c in sets),
     ]
     title = "VMAD-small vs MuSc on the same images (bottle: zero-shot for both)"
     notes = ["Values in percent; – = undefined (NEU-Seg has no normal image)."]

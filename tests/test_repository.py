@@ -15,7 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # The Use-section commands run here (quick on a few small images); the others have tests of their own.
-RUN_HERE = ("vmad data inspect", "vmad eval", "vmad calibrate", "vmad detect", "vmad model summary")
+RUN_HERE = ("vmad data inspect", "vmad eval", "vmad calibrate", "vmad detect", "vmad model summary",
+            "vmad model add-prior")
 
 
 def test_licence_file_is_the_one_pyproject_names() -> None:

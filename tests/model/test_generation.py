@@ -98,3 +98,21 @@ def test_mask_prompt_generation_matches_teacher_forcing(monkeypatch: pytest.Monk
     torch.testing.assert_close(decoded, teacher, atol=1e-3, rtol=1e-4)
     fast = model.segment(images, questions)  # the prompt comes after <seg>: same masks as the fast path
     torch.testing.assert_close(torch.stack(gen.probs), fast.probs, atol=1e-4, rtol=0)
+
+
+def test_forced_prefix_opens_the_answer_then_greedy_goes_on(tiny: VMADModel) -> None:
+    images = torch.rand(2, 3, 48, 64)
+    free = tiny.generate(images, SEG_Q, max_new_tokens=6, ignore_stop=True)
+    seg_answer = tiny.config.llm.seg_answer
+    forced = tiny.generate(images, SEG_Q, max_new_tokens=12, ignore_stop=True,
+                           prefixes=[seg_answer, None])
+    opening = tiny.tokenizer(seg_answer, add_special_tokens=False)["input_ids"]
+    assert forced.token_ids[0][: len(opening)] == opening
+    assert forced.probs[0] is not None  # the forced <seg> decodes a mask
+    # the free sample decodes exactly as without prefixes
+    assert forced.token_ids[1][:6] == free.token_ids[1]
+    # a forced answer equals teacher forcing: the mask matches the fast path's
+    fast = tiny.segment(images[:1], SEG_Q)
+    torch.testing.assert_close(forced.probs[0], fast.probs[0], atol=1e-4, rtol=0)
+    with pytest.raises(VMADError, match="prefixes / avoid has 1 entries for 2 images"):
+        tiny.generate(images, SEG_Q, max_new_tokens=2, prefixes=[None])

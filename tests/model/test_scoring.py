@@ -18,3 +18,30 @@ def test_image_score_rules() -> None:
     assert 0 < float(smooth[0]) < 0.1 and float(smooth[1]) == pytest.approx(0.3, abs=1e-6)
     topk = image_scores(probs, ScoreConfig(rule="mean_topk", topk_ratio=2 / 1024))
     assert topk.tolist() == pytest.approx([0.5, 0.3])
+
+
+def test_prior_weight_shifts_the_score_logit_by_the_prior_peak() -> None:
+    import math
+
+    from vmad.model.scoring import PRIOR_NEUTRAL
+
+    probs = torch.full((3, 8, 8), 0.2)
+    priors = torch.zeros(3, 1, 4, 4)
+    priors[0, 0, 1, 1] = PRIOR_NEUTRAL + 4.0  # strong evidence
+    priors[1] = float("nan")                  # no prior: the mask's score
+    priors[2, 0, 0, 0] = 50.0                 # clipped to the prior prompt's upper bound (12)
+    cfg = ScoreConfig(rule="max", prior_weight=0.5)
+    got = image_scores(probs, cfg, priors).tolist()
+    logit = math.log(0.2 / 0.8)
+    assert got[0] == pytest.approx(1 / (1 + math.exp(-(logit + 2.0))), rel=1e-6)
+    assert got[1] == pytest.approx(0.2, rel=1e-6)
+    assert got[2] == pytest.approx(1 / (1 + math.exp(-(logit + 0.5 * (12.0 - PRIOR_NEUTRAL)))), rel=1e-6)
+    # weight 0: priors are ignored
+    assert image_scores(probs, ScoreConfig(rule="max"), priors).tolist() == pytest.approx([0.2] * 3)
+    # float64: scores near 1 keep their order
+    near = torch.full((2, 4, 4), 0.999)
+    peaks = torch.tensor([18.0, 21.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2)
+    a, b = image_scores(near, ScoreConfig(rule="max", prior_weight=2.0), peaks - 10.0).tolist()
+    assert a < b < 1.0
+    with pytest.raises(Exception, match="prior_weight"):
+        ScoreConfig(prior_weight=-1.0).validate()

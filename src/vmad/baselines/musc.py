@@ -76,6 +76,9 @@ class MuScConfig:
     buffer_elems: int = 1 << 27
     map_size: int = 0  # 0: maps returned at image_size (bilinear, align_corners=True as the official code)
     threads: int = 0  # 0: leave torch's thread count alone
+    # OURS: > 0 = a class of more images is scored in interleaved groups of at most this many (each image
+    # against the others of its group, RsCIN per group), so the cost grows linearly, not quadratically
+    group_size: int = 0
 
     def validate(self) -> None:
         if self.image_size < 32 or self.grid_stride < 1:
@@ -90,6 +93,8 @@ class MuScConfig:
             raise ConfigError(f"musc: rscin_k values must be >= 1 (empty disables RsCIN), got {self.rscin_k}")
         if min(self.batch_size, self.chunk_elems, self.buffer_elems) < 1:
             raise ConfigError("musc: batch_size, chunk_elems and buffer_elems must be positive")
+        if self.group_size < 0 or self.group_size == 1:
+            raise ConfigError(f"musc: group_size must be 0 (all images) or >= 2, got {self.group_size}")
 
 
 def lnamd(levels: Sequence[Tensor], degree: int, grid: tuple[int, int]) -> list[Tensor]:
@@ -332,9 +337,17 @@ class MuScScorer:
         t0 = time.perf_counter()
         levels, global_feats = self.features(images)
         t1 = time.perf_counter()
-        maps = self._grid_maps(levels)
-        image_scores = maps.flatten(1).amax(dim=1).double().numpy()
-        image_scores = rscin(image_scores, global_feats.numpy(), c.rscin_k)
+        n = len(images)
+        groups = math.ceil(n / c.group_size) if c.group_size and n > c.group_size else 1
+        maps = torch.zeros(n, 1, *self.grid)
+        image_scores = np.zeros(n)
+        for g in range(groups):  # interleaved: every group spans the whole (sorted) class
+            index = torch.arange(g, n, groups)
+            part = self._grid_maps([level[index] for level in levels])
+            maps[index] = part
+            raw = part.flatten(1).amax(dim=1).double().numpy()
+            # several groups: RsCIN in raw units (no per-group min-max), so the groups' scores stay comparable
+            image_scores[index.numpy()] = rscin(raw, global_feats[index].numpy(), c.rscin_k, groups == 1)
         maps = self._upsampled(maps)
         t2 = time.perf_counter()
         self.timing = {"features_s": t1 - t0, "scoring_s": t2 - t1, "n_images": float(len(images))}

@@ -28,10 +28,11 @@ PRIOR_MODES = ("none", "folder", "references", "folder+references")
 
 @dataclass
 class PriorConfig:
-    """How priors are computed: MuSc's settings (RsCIN off: only the maps are used), the map size, and the
+    """How priors are computed: MuSc's settings (RsCIN off: only the maps are used; a folder of more than 200
+    images is scored in interleaved groups of at most 200, ``MuScConfig.group_size``), the map size, and the
     smallest set mutual scoring is run on (fewer images than ``min_images``: no prior)."""
 
-    musc: MuScConfig = field(default_factory=lambda: MuScConfig(rscin_k=(), map_size=64))
+    musc: MuScConfig = field(default_factory=lambda: MuScConfig(rscin_k=(), map_size=64, group_size=200))
     map_side: int = 128
     min_images: int = 2
 

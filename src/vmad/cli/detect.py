@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmad.cli.options import add_baseline_opt
+from vmad.cli.options import add_answer_verdict_opt, add_baseline_opt
 
 if TYPE_CHECKING:
     import numpy as np
@@ -127,6 +127,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
         help="generate a text answer (the default for --model; the Python API's Detector.detect defaults to "
         "answer=False) or segment only (--no-answer, fastest; the only mode of --baseline)",
     )
+    add_answer_verdict_opt(parser)
     parser.add_argument(
         "--threshold-file",
         metavar="FILE",
@@ -345,6 +346,7 @@ def _checked_config(args: argparse.Namespace) -> DetectorConfig:
         max_new_tokens=args.max_new_tokens,
         device=args.device,
         max_pixels=getattr(args, "max_pixels", 4_194_304),
+        answer_verdict=getattr(args, "answer_verdict", "model"),
     ).validate()
     config.torch_device()  # e.g. --device cuda on a CPU-only torch: one error line, before any work
     if not 0.0 <= args.alpha <= 1.0:

@@ -71,7 +71,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--llava-path")
     export.add_argument("--sam-path")
     export.set_defaults(func=_export)
+    _register_add_prior(actions)
     parser.set_defaults(func=lambda args: _usage(parser))
+
+
+def _register_add_prior(actions: argparse._SubParsersAction) -> None:
+    add_prior = actions.add_parser(
+        "add-prior",
+        help="give trained weights the normality-prior input (OURS, late fusion, no training)",
+        description="Load a trained model, turn on mask_decoder.prior_prompt with the skip weight W "
+        "(mask logits + W x the prior in standard units), the dense prior prompt at zero and the image "
+        "score's prior weight A, and write the result to OUT. Without a prior (a single image, or prior "
+        "off) OUT behaves exactly as the input.",
+    )
+    add_prior.add_argument("--model", default="small", help="packaged name or model folder (default small)")
+    add_prior.add_argument("--skip-weight", type=float, required=True, metavar="W",
+                           help="logit units added per standard unit of the prior")
+    add_prior.add_argument("--score-weight", type=float, default=0.0, metavar="A",
+                           help="image score: logit + A x (prior maximum - 3) (model.score.prior_weight; 0)")
+    add_prior.add_argument("--out", required=True, help="output folder")
+    add_prior.set_defaults(func=_add_prior)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -173,4 +192,25 @@ def _export(args: argparse.Namespace) -> int:
     lm.save_pretrained(out / "llm", safe_serialization=True)
     model.tokenizer.save_pretrained(out / "llm")
     print(f"wrote {out / 'llm'} (merged language model) and {out / 'vmad'} (VMAD checkpoint)")
+    return 0
+
+
+def _add_prior(args: argparse.Namespace) -> int:
+    from vmad.model.build import build_vmad
+    from vmad.model.config import VMADConfig
+    from vmad.model.weights_io import read_meta, resolve_model_path
+
+    source = resolve_model_path(args.model)
+    config = VMADConfig.from_dict(read_meta(source)["config"])
+    if config.mask_decoder.prior_prompt:
+        raise VMADError(f"{source}: the model already takes a normality prior")
+    config.mask_decoder.prior_prompt, config.mask_decoder.prior_skip = True, True
+    config.mask_decoder.prior_skip_init = args.skip_weight
+    config.score.prior_weight = args.score_weight
+    config.validate()
+    model = build_vmad(config)
+    model.load_trainable(source, keep_fresh=("mask_decoder.prior_prompt.",))
+    model.save_trainable(args.out)
+    print(f"wrote {args.out}: {source} + normality prior, skip weight {args.skip_weight}, score weight "
+          f"{args.score_weight}")
     return 0

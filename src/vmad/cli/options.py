@@ -20,6 +20,17 @@ def add_baseline_opt(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_answer_verdict_opt(parser: argparse.ArgumentParser) -> None:
+    """``--answer-verdict`` (:attr:`vmad.infer.detector.DetectorConfig.answer_verdict`)."""
+    parser.add_argument(
+        "--answer-verdict",
+        choices=("model", "evidence"),
+        default="model",
+        help="model: the LLM alone decides whether the answer reports a defect; evidence (OURS): the "
+        "segmentation verdict (image threshold when given, else a non-empty mask) fixes how the answer opens",
+    )
+
+
 def add_interactive_options(parser: argparse.ArgumentParser, verdict_per: str) -> None:
     """The inference options of ``vmad chat`` and ``vmad serve``: thresholds, answer length, image size
     limit, overlay opacity and device; ``verdict_per`` names what gets a verdict ("turn", "image")."""
@@ -42,6 +53,7 @@ def add_interactive_options(parser: argparse.ArgumentParser, verdict_per: str) -
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay heat-map opacity (0.5)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    add_answer_verdict_opt(parser)
 
 
 def interactive_config(args: argparse.Namespace) -> DetectorConfig:
@@ -55,6 +67,7 @@ def interactive_config(args: argparse.Namespace) -> DetectorConfig:
         max_new_tokens=args.max_new_tokens,
         device=args.device,
         max_pixels=args.max_pixels,
+        answer_verdict=args.answer_verdict,
     ).validate()
     config.torch_device()
     return config

@@ -68,6 +68,7 @@ from vmad.infer.detection import (  # noqa: F401  (Detection and ImageInput are 
     make_detection,
 )
 from vmad.model.build import load_pretrained
+from vmad.model.outputs import SegmentationResult
 from vmad.model.vmad import VMADModel
 from vmad.model.weights_io import CONFIG_NAME, PACKAGED_MODELS, WEIGHTS_NAME, resolve_model_path
 
@@ -85,6 +86,9 @@ AnswerQuery = Literal["description", "impact", "suggestion"]  # the keys of QUER
 
 
 PriorUse = Literal["folder", "off"]
+AnswerVerdict = Literal["model", "evidence"]
+#: how a normal answer opens in the training data (:func:`vmad.data.text.normal_answers`)
+NORMAL_OPENING = "No defect was found"
 
 
 @dataclass
@@ -107,6 +111,11 @@ class DetectorConfig:
         prior: OURS, only for models trained with ``mask_decoder.prior_prompt``: ``folder`` = each image's
             normality prior by mutual scoring over the images of the same :meth:`Detector.detect` call
             (:mod:`vmad.baselines.prior`; a single image gets none), ``off`` = never.
+        answer_verdict: OURS, answer mode only: ``model`` = the LLM alone chooses between the segmentation
+            answer (``llm.seg_answer``, "It is <seg>.") and a normal answer ("No defect was found ...");
+            ``evidence`` = the segmentation-only forward runs first and its verdict (``score >
+            image_threshold`` when a threshold is set, else a non-empty binary mask) fixes whether the answer
+            says "No defect was found" after "It is <seg>."; the LLM writes the rest.
     """
 
     threshold: float = 0.5
@@ -118,6 +127,7 @@ class DetectorConfig:
     device: str = "auto"
     max_pixels: int = 4_194_304
     prior: PriorUse = "folder"
+    answer_verdict: AnswerVerdict = "model"
 
     def validate(self) -> DetectorConfig:
         if not 0.0 <= self.threshold <= 1.0:
@@ -247,11 +257,13 @@ class Detector:
         fpr: float = DEFAULT_FPR,
         answer: bool = False,
         apply: bool = True,
+        priors: Priors | None = None,
     ) -> Calibration:
         """Score a few normal images of the object (at least 2) and derive the verdict threshold by the rule
         of :mod:`vmad.infer.calibration`; ``apply`` sets it on this detector (image and mask thresholds).
-        ``answer``: score in answer mode (as ``vmad detect`` does by default) instead of segmentation only."""
-        dets = self.detect(normal_images, answer=answer, class_name=class_name)
+        ``answer``: score in answer mode (as ``vmad detect`` does by default) instead of segmentation only;
+        ``priors``: as :meth:`detect` (default: computed over the normal images)."""
+        dets = self.detect(normal_images, answer=answer, class_name=class_name, priors=priors)
         cal = make_calibration(
             [d.anomaly_score for d in dets],
             self.method_info(),
@@ -407,15 +419,22 @@ class Detector:
         sizes: Sequence[tuple[int, int] | None] | None = None, priors: torch.Tensor | None = None,
     ) -> list[Detection]:
         sizes = sizes or [None] * len(images)
-        extra = {} if priors is None else {"priors": priors}
+        extra: dict[str, Any] = {} if priors is None else {"priors": priors}
+        seg: dict[int, tuple[torch.Tensor, float]] = {}  # image -> mask and score without <seg> in the answer
+        if self.config.answer_verdict == "evidence":  # the verdict first, from the segmentation-only pass
+            encoded = self.model.encode_images(images, priors)
+            first = self.model.segment(images, fallback, encoded=encoded)
+            seg = {i: (first.probs[i], float(first.scores[i])) for i in range(len(images))}
+            extra = {**self._evidence_openings(first), "encoded": encoded}
         gen = self.model.generate(images, question, max_new_tokens=tokens, **extra)
-        missing = [i for i, p in enumerate(gen.probs) if p is None]
-        # the fallback reuses the encoded images: no frozen encoder runs twice
-        rows = torch.tensor(missing, dtype=torch.long)
-        reuse: dict[str, Any] = {} if gen.encoded is None else {"encoded": gen.encoded.rows(rows)}
-        if gen.encoded is None and priors is not None:
-            reuse["priors"] = priors[rows]
-        seg = self.model.segment(images[missing], fallback, **reuse) if missing else None
+        missing = [i for i, p in enumerate(gen.probs) if p is None and i not in seg]
+        if missing:  # the fallback reuses the encoded images: no frozen encoder runs twice
+            rows = torch.tensor(missing, dtype=torch.long)
+            reuse: dict[str, Any] = {} if gen.encoded is None else {"encoded": gen.encoded.rows(rows)}
+            if gen.encoded is None and priors is not None:
+                reuse["priors"] = priors[rows]
+            part = self.model.segment(images[missing], fallback, **reuse)
+            seg.update({i: (part.probs[j], float(part.scores[j])) for j, i in enumerate(missing)})
         out = []
         for i in range(len(images)):
             if gen.probs[i] is not None:
@@ -423,11 +442,26 @@ class Detector:
                     gen.probs[i], float(gen.scores[i]), question, sizes[i], mask_from="answer"
                 )
             else:
-                j = missing.index(i)
-                det = self._detection(seg.probs[j], float(seg.scores[j]), question, sizes[i])  # type: ignore[union-attr]
+                det = self._detection(*seg[i], question, sizes[i])
             det.answer = gen.texts[i]
             out.append(det)
         return out
+
+    def _evidence_openings(self, seg: SegmentationResult) -> dict[str, list[str | None]]:
+        """``answer_verdict="evidence"``: per image, the segmentation-only verdict (``score >
+        image_threshold`` when set, else a non-empty binary mask) as generation constraints: a normal image's
+        answer opens with the segmentation answer then "No defect was found", an anomalous image's opens with
+        the segmentation answer and its free part must not open with "No"."""
+        cfg = self.config
+        if cfg.image_threshold is not None:
+            anomalous = (seg.scores > cfg.image_threshold).tolist()
+        else:
+            anomalous = (seg.probs.flatten(1) > cfg.threshold).any(1).tolist()
+        opening = self.model.config.llm.seg_answer
+        return {
+            "prefixes": [opening if a else f"{opening} {NORMAL_OPENING}" for a in anomalous],
+            "avoid": [f" {NORMAL_OPENING}" if a else None for a in anomalous],
+        }
 
     # ------------------------------------------------------------- chat
     def fold_history(self, history: Sequence[tuple[str, str]], question: str) -> str:

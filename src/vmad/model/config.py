@@ -8,6 +8,7 @@ and lists only the fields it changes (resolved by :func:`vmad.train.config.resol
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -220,6 +221,9 @@ class MaskDecoderConfig:
             and/or reference normal images) is encoded as SAM's dense mask prompt
             (:mod:`vmad.model.prior_prompt`). Off in every preset (the paper's decoder sees only H_seg).
         prior_skip: OURS, with ``prior_prompt``: also add a learned multiple of the prior to the mask logits.
+        prior_skip_init: OURS, the skip's initial weight (logit units per standard unit of the prior);
+            0 = the model starts exactly as without the prior. ``vmad model add-prior`` sets it on trained
+            weights without training (late fusion).
     """
 
     kind: DecoderKind = "scratch"
@@ -231,9 +235,13 @@ class MaskDecoderConfig:
     logit_bias: float = -4.59512
     prior_prompt: bool = False
     prior_skip: bool = True
+    prior_skip_init: float = 0.0
 
     def validate(self) -> None:
         check_choices(self, "model.mask_decoder")
+        if not math.isfinite(self.prior_skip_init) or abs(self.prior_skip_init) > 100:
+            raise ConfigError(f"mask_decoder.prior_skip_init must be finite and within ±100, got "
+                              f"{self.prior_skip_init}")
         check_range("mask_decoder.dim", self.dim, 8, MAX_WIDTH)
         check_range("mask_decoder.layers", self.layers, 1, MAX_LAYERS)
         check_range("mask_decoder.heads", self.heads, 1, MAX_HEADS)
@@ -265,14 +273,20 @@ class ScoreConfig:
     """Image-level anomaly score from the mask probability map (OURS, Table I).
 
     ``max_smoothed`` (default): max of the map after a Gaussian blur of ``sigma`` pixels at the input size;
-    ``max``: plain max; ``mean_topk``: mean of the top ``topk_ratio`` fraction of pixels."""
+    ``max``: plain max; ``mean_topk``: mean of the top ``topk_ratio`` fraction of pixels.
+    ``prior_weight`` (OURS, models with ``mask_decoder.prior_prompt``): an image with a normality prior
+    scores ``sigmoid(logit(score) + prior_weight * (max(prior) - PRIOR_NEUTRAL))``, the prior's maximum in
+    standard units (:func:`vmad.model.scoring.image_scores`); 0 = the mask alone."""
 
     rule: ScoreRule = "max_smoothed"
     sigma: float = 4.0
     topk_ratio: float = 0.01
+    prior_weight: float = 0.0
 
     def validate(self) -> None:
         check_choices(self, "model.score")
+        if not math.isfinite(self.prior_weight) or not 0 <= self.prior_weight <= 100:
+            raise ConfigError(f"model.score.prior_weight must be in [0, 100], got {self.prior_weight}")
 
 
 @dataclass

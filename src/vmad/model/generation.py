@@ -173,25 +173,33 @@ def generate(
     max_new_tokens: int = 64,
     priors: Tensor | None = None,
     ignore_stop: bool = False,
+    prefixes: Sequence[str | None] | None = None,
+    encoded: EncodedImages | None = None,
+    avoid: Sequence[str | None] | None = None,
 ) -> GenerationResult:
     """Greedy text answers (KV cache) for a batch (left padding; each sample's own ``<seg>``); when an
     answer contains ``<seg>``, its mask and image score (``priors``: :meth:`VMADModel.encode_images`).
     The batch's images are encoded once (F_I, Ψ and, when the first mask is needed, the backbone and neck
-    for every sample at once); ``GenerationResult.encoded`` keeps them. ``ignore_stop``: decode exactly
-    ``max_new_tokens`` tokens (timing)."""
+    for every sample at once); ``GenerationResult.encoded`` keeps them (``encoded``: reuse an earlier
+    encoding of these images). ``prefixes`` (OURS): per sample, an opening the answer is forced to start
+    with (None = free), e.g. the verdict chosen from the mask evidence; greedy decoding goes on after it.
+    ``ignore_stop``: decode exactly ``max_new_tokens`` tokens (timing)."""
     images = as_image_batch(images)
     n = images.shape[0]
     questions = [question] * n if isinstance(question, str) else list(question)
-    encoded = model.encode_images(images, priors)
+    forced = _forced_tokens(model, prefixes, n)
+    banned = [t[:1] for t in _forced_tokens(model, avoid, n)]
+    if encoded is None:
+        encoded = model.encode_images(images, priors)
+    elif encoded.images.shape[0] != n:
+        raise VMADError(f"encoded holds {encoded.images.shape[0]} images, not {n}")
     state = _start(model, encoded, questions, max_new_tokens)
     stop = set() if ignore_stop else stop_token_ids(model.tokenizer, model.chat_format)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     at_seg = model.config.llm.seg_state == "at_seg"
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         done = torch.tensor(state.done, device=model.device)
-        token = model.logits(state.last_hidden).argmax(-1)
-        token = torch.where(done, torch.full_like(token, pad), token)
-        ids = token.tolist()  # the one device-to-host copy of the step
+        token, ids = _next_tokens(model.logits(state.last_hidden), step, forced, banned, done, pad)
         is_seg = [not state.done[b] and ids[b] == model.seg_token_id for b in range(n)]
         for b in range(n):
             if not state.done[b]:
@@ -213,6 +221,32 @@ def generate(
         if all(state.done):
             break
     return _result(model, state, encoded, stop)
+
+
+def _next_tokens(
+    logits: Tensor, step: int, forced: list[list[int]], banned: list[list[int]], done: Tensor, pad: int
+) -> tuple[Tensor, list[int]]:
+    """The greedy tokens of one step (pad for finished samples), with the forced openings and the excluded
+    first tokens of :func:`generate`; also as a host list (the one device-to-host copy of the step)."""
+    for b, ban in enumerate(banned):
+        if ban and step == len(forced[b]):
+            logits[b, ban[0]] = float("-inf")
+    token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
+    ids = token.tolist()
+    if any(step < len(f) for f in forced):
+        ids = [f[step] if step < len(f) and not d else t
+               for f, d, t in zip(forced, done.tolist(), ids, strict=True)]
+        token = torch.tensor(ids, device=logits.device, dtype=token.dtype)
+    return token, ids
+
+
+def _forced_tokens(model: VMADModel, prefixes: Sequence[str | None] | None, n: int) -> list[list[int]]:
+    """Token ids of each sample's text (``prefixes`` / ``avoid`` of :func:`generate`; empty = none)."""
+    if prefixes is None:
+        return [[] for _ in range(n)]
+    if len(prefixes) != n:
+        raise VMADError(f"prefixes / avoid has {len(prefixes)} entries for {n} images")
+    return [[] if p is None else model.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prefixes]
 
 
 def _mask_probs(model: VMADModel, state: DecodeState, encoded: EncodedImages, rows: list[int]) -> Tensor:
@@ -249,7 +283,12 @@ def _result(model: VMADModel, state: DecodeState, encoded: EncodedImages, stop: 
         probs = _mask_probs(model, state, encoded, pending)
         for j, b in enumerate(pending):
             state.probs[b] = probs[j]
-    scores = [None if p is None else float(image_scores(p[None], model.config.score)[0]) for p in state.probs]
+    priors = encoded.priors
+    scores = [
+        None if p is None
+        else float(image_scores(p[None], model.config.score, None if priors is None else priors[b : b + 1]))
+        for b, p in enumerate(state.probs)
+    ]
     texts = []
     for ids in state.generated:
         cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))

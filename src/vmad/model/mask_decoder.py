@@ -81,7 +81,9 @@ class PromptedMaskDecoder(nn.Module):
         # shape [1], not a 0-dim scalar: DeepSpeed's parameter broadcast cannot view 0-dim bf16 tensors
         self.logit_bias = nn.Parameter(torch.tensor([float(cfg.logit_bias)]))
         self.dim = cfg.dim
-        self.prior_prompt = PriorPrompt(cfg.dim, cfg.prior_skip) if cfg.prior_prompt else None
+        self.prior_prompt = (
+            PriorPrompt(cfg.dim, cfg.prior_skip, cfg.prior_skip_init) if cfg.prior_prompt else None
+        )
 
     def dense_positional_encoding(self, h: int, w: int) -> Tensor:
         """``[1, dim, h, w]`` encoding of the cell centres."""

@@ -8,9 +8,10 @@ and GELU, then a 1x1 conv to the prompt width) and added to the dense embedding,
 evidence instead of inventing it. ``mask_decoder.prior_skip`` also adds ``w * prior`` to the output logits
 (a learned scalar ``w``, stored as ``w / SKIP_GAIN``).
 
-Both start at zero (last conv and ``w``), so a model given the module behaves as before until trained. The
-prior is in standard units (0 = a typical patch of the set, :func:`vmad.baselines.prior.standardize`);
-an image without a prior gets the plain "no mask" embedding, the model's behaviour without this option.
+Both start at zero (last conv and ``w``; ``mask_decoder.prior_skip_init`` may start ``w`` elsewhere), so a
+model given the module behaves as before until trained. The prior is in standard units (0 = a typical patch of
+the set, :func:`vmad.baselines.prior.standardize`); an image without a prior gets the plain "no mask"
+embedding, the model's behaviour without this option.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ SKIP_GAIN = 20.0
 class PriorPrompt(nn.Module):
     """Prior map ``[B, 1, H, W]`` over the model's input frame -> dense prompt ``[B, dim, h, w]`` (+ skip)."""
 
-    def __init__(self, dim: int, skip: bool = True) -> None:
+    def __init__(self, dim: int, skip: bool = True, skip_init: float = 0.0) -> None:
         super().__init__()
         mid = max(4, dim // 16)  # SAM: mask_in_chans 16 for a 256-wide prompt
         self.encode = nn.Sequential(
@@ -45,7 +46,7 @@ class PriorPrompt(nn.Module):
         )
         nn.init.zeros_(self.encode[-1].weight)
         nn.init.zeros_(self.encode[-1].bias)
-        self.skip_weight = nn.Parameter(torch.zeros(1)) if skip else None
+        self.skip_weight = nn.Parameter(torch.full((1,), skip_init / SKIP_GAIN)) if skip else None
 
     @staticmethod
     def clip(prior: Tensor) -> Tensor:

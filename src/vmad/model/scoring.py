@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vmad.model.config import ScoreConfig
+from vmad.model.prior_prompt import PRIOR_CLIP
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -29,8 +30,27 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return y[:, 0]
 
 
-def image_scores(probs: Tensor, cfg: ScoreConfig) -> Tensor:
-    """Image-level score from ``[B, H, W]`` mask probabilities by ``cfg.rule`` (OURS, see ScoreConfig)."""
+#: a prior maximum of this many standard units neither raises nor lowers the image score (OURS)
+PRIOR_NEUTRAL = 3.0
+
+
+def image_scores(probs: Tensor, cfg: ScoreConfig, priors: Tensor | None = None) -> Tensor:
+    """Image-level score from ``[B, H, W]`` mask probabilities by ``cfg.rule`` (OURS, see ScoreConfig);
+    with ``priors`` (``[B, 1, h, w]`` standard units, all-NaN rows = none) and ``cfg.prior_weight`` > 0, each
+    prior's maximum (clipped as the prior prompt clips it) shifts the score's logit (float64, so scores near 1
+    keep their order)."""
+    scores = _mask_scores(probs, cfg)
+    if priors is None or cfg.prior_weight == 0:
+        return scores
+    flat = priors.flatten(1).double()
+    present = ~torch.isnan(flat).all(1)
+    peak = torch.nan_to_num(flat, nan=float("-inf")).amax(1).clamp(*PRIOR_CLIP)
+    p = scores.double().clamp(1e-12, 1 - 1e-12)
+    shifted = torch.sigmoid(torch.logit(p) + cfg.prior_weight * (peak - PRIOR_NEUTRAL))
+    return torch.where(present.to(shifted.device), shifted, scores.double())
+
+
+def _mask_scores(probs: Tensor, cfg: ScoreConfig) -> Tensor:
     if cfg.rule == "max":
         return probs.flatten(1).amax(1)
     if cfg.rule == "mean_topk":

@@ -303,7 +303,8 @@ class VMADModel(nn.Module):
         h_seg = hidden[torch.arange(n, device=self.device), self.seg_positions(seq.ids)]
         logits = self.mask_logits(encoded, h_seg, tuple(images.shape[-2:]))
         probs = logits.sigmoid()
-        return SegmentationResult(probs=probs, logits=logits, scores=image_scores(probs, self.config.score))
+        scores = image_scores(probs, self.config.score, encoded.priors)
+        return SegmentationResult(probs=probs, logits=logits, scores=scores)
 
     def generate(
         self,
@@ -312,12 +313,17 @@ class VMADModel(nn.Module):
         max_new_tokens: int = 64,
         priors: Tensor | None = None,
         ignore_stop: bool = False,
+        prefixes: Sequence[str | None] | None = None,
+        encoded: EncodedImages | None = None,
+        avoid: Sequence[str | None] | None = None,
     ) -> GenerationResult:
         """Greedy answers and their masks (:func:`vmad.model.generation.generate`); ``priors``: see
-        :meth:`encode_images`; ``ignore_stop``: exactly ``max_new_tokens`` tokens (timing). Call ``eval()``
-        first."""
+        :meth:`encode_images`; ``ignore_stop``: exactly ``max_new_tokens`` tokens (timing); ``prefixes``:
+        forced answer openings and ``avoid`` texts the rest must not open with (OURS); ``encoded``: reuse
+        these images' encoding. Call ``eval()`` first."""
         return generation.generate(
-            self, images, question, max_new_tokens, priors=priors, ignore_stop=ignore_stop
+            self, images, question, max_new_tokens, priors=priors, ignore_stop=ignore_stop,
+            prefixes=prefixes, encoded=encoded, avoid=avoid,
         )
 
     def answer_logprobs(
