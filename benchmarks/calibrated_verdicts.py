@@ -47,8 +47,9 @@ def run(argv: list[str]) -> None:
     subprocess.run([*VMAD, *argv], check=True, stdout=subprocess.DEVNULL)
 
 
-def verdict_row(name: str, summary: dict, labels: dict[str, int], stats: dict) -> tuple[str, dict]:
-    """A Markdown row and the figures of one method from its summary.json and its calibration stats."""
+def verdict_row(name: str, summary: dict, labels: dict[str, int], cal: dict) -> tuple[str, dict]:
+    """A Markdown row and the figures of one method from its summary.json and its threshold file."""
+    stats, units = cal["stats"], ("log-odds " if cal.get("scale") == "logit" else "")
     rows = [r for r in summary["images"] if r["error"] is None]
     y = np.array([labels[str(Path(r["file"]).resolve())] for r in rows])
     anomalous = np.array([r["verdict"] == "anomalous" for r in rows])
@@ -66,7 +67,8 @@ def verdict_row(name: str, summary: dict, labels: dict[str, int], stats: dict) -
     }
     cells = [
         name,
-        f"{stats['mean']:.4g} / {stats['std']:.3g} / {stats['min']:.4g} .. {stats['max']:.4g}",
+        f"{units}{stats['mean']:.4g} / {stats['std']:.3g} / "
+        f"{min(cal['scores']):.4g} .. {max(cal['scores']):.4g}",
         f"{figures['threshold']:.4g}",
         f"{int(anomalous[y == 1].sum())} / {figures['n_anomalous']}",
         f"{int((~anomalous[y == 0]).sum())} / {figures['n_normal']}",
@@ -83,13 +85,12 @@ def _threshold_note(figures: dict, stats: dict) -> list[str]:
     out = []
     for name, fig in figures.items():
         if name.startswith("VMAD") and fig["threshold"] >= 1.0:
-            st = stats[name]
+            scores = stats[name]["scores"]
             out.append(
                 f"{name}: its image score is a probability (at most 1) and the threshold is "
-                f"{fig['threshold']:.3g}: the {st['n']} normal scores spread from {st['min']:.3g} to "
-                f"{st['max']:.3g} (sd {st['std']:.3g}), so the prediction bound lies above every possible "
-                "score and every image is called normal (`vmad calibrate` says so when it writes the file). "
-                "The rule was not changed after seeing this."
+                f"{fig['threshold']:.3g}: the {len(scores)} normal scores spread from {min(scores):.3g} to "
+                f"{max(scores):.3g}, so every image is called normal (`vmad calibrate` says so when it "
+                "writes the file)."
             )
     return out
 
@@ -135,7 +136,7 @@ def main() -> int:
         for name, (calibrate, detect) in runs.items():
             run(calibrate)
             run(detect)
-            stats[name] = json.loads(Path(calibrate[calibrate.index("--out") + 1]).read_text())["stats"]
+            stats[name] = json.loads(Path(calibrate[calibrate.index("--out") + 1]).read_text())
             summary = json.loads((Path(detect[detect.index("--out") + 1]) / "summary.json").read_text())
             row, figures[name] = verdict_row(name, summary, labels, stats[name])
             rows.append(row)
@@ -155,8 +156,10 @@ def main() -> int:
             f"- data: {args.dataset} class {args.class_name}, test split; calibration: the first "
             f"{args.n_calib} normal images by name (good/{calib_files}), left out; scored: the other "
             f"{len(rest)} ({sum(1 - v for v in labels.values())} normal, {sum(labels.values())} anomalous)",
-            "- rule (`vmad.infer.calibration`, chosen before any result): t = max(mean + q sd sqrt(1 + 1/n), "
-            "max), q = Student-t 95 % quantile with n - 1 dof; anomalous when score > t",
+            "- rule (`vmad.infer.calibration`): t = max(mean + q sd sqrt(1 + 1/n), max), q = Student-t 95 % "
+            "quantile with n - 1 dof; anomalous when score > t; VMAD's scores are probabilities and the "
+            "bound is taken on their log-odds (since 2026-12-03; the linear rule before put VMAD-small's "
+            "threshold at 1.34 here, above every possible score)",
             "- commands: `vmad calibrate --normal ... --out FILE` then `vmad detect DIR --threshold-file "
             "FILE` (see the script's docstring for each method's options)",
         ],

@@ -34,6 +34,23 @@ def test_rule_by_hand():
         threshold_from_normals(scores, fpr=0.0)
 
 
+def test_logit_rule_by_hand_keeps_probability_thresholds_below_one():
+    scores = [0.4649, 0.983, 0.9, 0.7, 0.95]  # a wide spread: the linear bound lies above 1
+    assert threshold_from_normals(scores)[0] > 1.0
+    t, info = threshold_from_normals(scores, scale="logit")
+    z = np.log(np.array(scores) / (1 - np.array(scores)))
+    bound = z.mean() + stats.t.ppf(0.95, 4) * z.std(ddof=1) * math.sqrt(1.2)
+    assert t == pytest.approx(1 / (1 + math.exp(-bound))) and max(scores) < t < 1.0
+    assert info["mean"] == pytest.approx(z.mean()) and info["max_probability"] == 0.983
+    # saturated scores stay finite, and a threshold is never below the highest normal score
+    assert threshold_from_normals([1.0, 1.0, 1.0], scale="logit")[0] == 1.0
+    assert threshold_from_normals([0.0, 1.0], scale="logit")[0] == 1.0
+    with pytest.raises(VMADError, match="probabilities in"):
+        threshold_from_normals([0.5, 1.5], scale="logit")
+    cal = make_calibration(scores, {"kind": "vmad"}, scale="logit")
+    assert cal.scale == "logit" and cal.image_threshold == cal.mask_threshold == t
+
+
 def test_verdict_rule():
     assert verdict_of(0.5, None) is None
     assert verdict_of(0.5, 0.5) == "normal" and verdict_of(0.51, 0.5) == "anomalous"
@@ -79,7 +96,9 @@ def test_detector_calibrate_gives_verdicts_and_the_file_restores_them(tiny_ckpt,
     cal = det.calibrate(normals, class_name="widget")
     assert cal.method["kind"] == "vmad" and len(cal.method["weights_sha256"]) == 64
     assert cal.image_threshold >= max(cal.scores) and det.config.image_threshold == cal.image_threshold
-    assert det.config.threshold == min(cal.image_threshold, 1.0)
+    assert cal.scale == "logit" and cal.image_threshold <= 1.0  # probabilities: the bound on log-odds
+    assert cal.image_threshold == threshold_from_normals(cal.scores, scale="logit")[0]
+    assert det.config.threshold == cal.image_threshold
     dets = det.detect(normals)
     assert [d.verdict for d in dets] == ["normal"] * 4  # never above their own threshold
     assert all(d.image_threshold == cal.image_threshold for d in dets)

@@ -245,6 +245,25 @@ def test_evidence_verdict_fixes_the_answer_opening(tiny_model):
         DetectorConfig(answer_verdict="llm").validate()
 
 
+def test_evidence_verdict_only_for_the_default_answer_question(tiny_model, monkeypatch):
+    seen: list[bool] = []
+    generate = tiny_model.generate
+
+    def spy(*args, **kwargs):
+        seen.append("prefixes" in kwargs)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "generate", spy)
+    det = Detector(tiny_model, DetectorConfig(max_new_tokens=4, answer_verdict="evidence", threshold=1.0))
+    img = random_rgb(24, 32, 0)
+    det.detect(img, answer=True)
+    det.detect(img, answer=True, question="What colour is it?")
+    turn = det.chat(img, None, det.default_question(answer=True), max_new_tokens=4)
+    det.chat(img, turn.history, det.default_question(answer=True), max_new_tokens=4)
+    # forced: the default question, alone or as the first chat turn; free: other questions, follow-ups
+    assert seen == [True, False, True, False]
+
+
 def test_avoid_bans_the_opening_after_the_prefix(tiny_model, monkeypatch):
     from vmad_testing import force_logits
 

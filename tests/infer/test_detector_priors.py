@@ -112,3 +112,13 @@ def test_add_prior_command_gives_trained_weights_the_prior(tiny_ckpt, tmp_path, 
     assert main(again) != 0
     assert "already takes a normality prior" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+    # defaults: the weights chosen on held-out surfaces
+    assert main(["model", "add-prior", "--model", str(tiny_ckpt), "--out", str(tmp_path / "d")]) == 0
+    defaults = Detector.from_pretrained(tmp_path / "d", config=DetectorConfig(device="cpu")).model.config
+    assert (defaults.mask_decoder.prior_skip_init, defaults.score.prior_weight) == (4.0, 2.0)
+    (tmp_path / "file").write_text("x")
+    onto_file = ["model", "add-prior", "--model", str(tiny_ckpt), "--skip-weight", "1",
+                 "--out", str(tmp_path / "file" / "m")]
+    assert main(onto_file) != 0
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "x"

@@ -112,11 +112,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(cal.to_dict(), indent=2))
     else:
-        st = cal.stats
+        st, units = cal.stats, ("log-odds " if cal.scale == "logit" else "")
         print(
-            f"{len(files)} normal images: scores {st['min']:.4g} .. {st['max']:.4g} (mean {st['mean']:.4g}, "
-            f"sd {st['std']:.3g}); image threshold {cal.image_threshold:.4g}, mask threshold "
-            f"{cal.mask_threshold:.4g}; wrote {out}"
+            f"{len(files)} normal images: scores {min(cal.scores):.4g} .. {max(cal.scores):.4g} "
+            f"({units}mean {st['mean']:.4g}, sd {st['std']:.3g}); image threshold {cal.image_threshold:.4g}, "
+            f"mask threshold {cal.mask_threshold:.4g}; wrote {out}"
         )
         if not args.baseline and cal.image_threshold >= 1.0:
             print("note: the threshold is at or above 1, the highest possible score: every image will be "

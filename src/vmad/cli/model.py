@@ -13,6 +13,11 @@ from typing import Any
 
 from vmad.errors import ConfigError, VMADError
 
+# `vmad model add-prior` defaults (OURS): chosen on held-out surfaces built here, never on MVTec AD
+# (benchmarks/make_heldout_textures.py, benchmarks/results/prior_weights_heldout.md)
+DEFAULT_SKIP_WEIGHT = 4.0
+DEFAULT_SCORE_WEIGHT = 2.0
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("model", help="inspect and export VMAD models")
@@ -85,10 +90,13 @@ def _register_add_prior(actions: argparse._SubParsersAction) -> None:
         "off) OUT behaves exactly as the input.",
     )
     add_prior.add_argument("--model", default="small", help="packaged name or model folder (default small)")
-    add_prior.add_argument("--skip-weight", type=float, required=True, metavar="W",
-                           help="logit units added per standard unit of the prior")
-    add_prior.add_argument("--score-weight", type=float, default=0.0, metavar="A",
-                           help="image score: logit + A x (prior maximum - 3) (model.score.prior_weight; 0)")
+    add_prior.add_argument("--skip-weight", type=float, default=DEFAULT_SKIP_WEIGHT, metavar="W",
+                           help="logit units added per standard unit of the prior (default "
+                           f"{DEFAULT_SKIP_WEIGHT:g}, chosen on held-out surfaces: "
+                           "benchmarks/results/prior_weights_heldout.md)")
+    add_prior.add_argument("--score-weight", type=float, default=DEFAULT_SCORE_WEIGHT, metavar="A",
+                           help="image score: logit + A x (prior maximum - 3) (model.score.prior_weight; "
+                           f"default {DEFAULT_SCORE_WEIGHT:g}, chosen the same way)")
     add_prior.add_argument("--out", required=True, help="output folder")
     add_prior.set_defaults(func=_add_prior)
 
@@ -178,14 +186,21 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _writable_folder(path: str | Path, what: str) -> Path:
+    """``path`` as a Path; VMADError when it or a parent exists and is not a folder (checked before any
+    model is loaded, so nothing is written)."""
+    out = Path(path)
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise VMADError(f"{out}: cannot {what} there ({blocked} exists and is not a folder)")
+    return out
+
+
 def _export(args: argparse.Namespace) -> int:
     from vmad.model.build import load_pretrained
     from vmad.model.weights_io import merge_lora
 
-    out = Path(args.out)
-    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if blocked is not None:  # checked before the model is loaded: nothing is written
-        raise VMADError(f"{out}: cannot export there ({blocked} exists and is not a folder)")
+    out = _writable_folder(args.out, "export")
     model = load_pretrained(args.checkpoint, **_paths(args))
     model.save_trainable(out / "vmad")
     lm = merge_lora(model)
@@ -200,6 +215,7 @@ def _add_prior(args: argparse.Namespace) -> int:
     from vmad.model.config import VMADConfig
     from vmad.model.weights_io import read_meta, resolve_model_path
 
+    out = _writable_folder(args.out, "write the model")
     source = resolve_model_path(args.model)
     config = VMADConfig.from_dict(read_meta(source)["config"])
     if config.mask_decoder.prior_prompt:
@@ -210,7 +226,7 @@ def _add_prior(args: argparse.Namespace) -> int:
     config.validate()
     model = build_vmad(config)
     model.load_trainable(source, keep_fresh=("mask_decoder.prior_prompt.",))
-    model.save_trainable(args.out)
-    print(f"wrote {args.out}: {source} + normality prior, skip weight {args.skip_weight}, score weight "
+    model.save_trainable(out)
+    print(f"wrote {out}: {source} + normality prior, skip weight {args.skip_weight}, score weight "
           f"{args.score_weight}")
     return 0

@@ -10,9 +10,11 @@ Gaussian::
 
 (default fpr 0.05: about 5 % of normal images above it when the assumption holds; with 5 images
 q * sqrt(1.2) = 2.34). An image is ``"anomalous"`` when its score is ``> t``. No calibration image is ever
-above its own threshold. On a bounded score (VMAD: a probability) a wide spread of the normal scores can
-put t at or above the highest possible score: every image is then called normal, and ``vmad calibrate``
-says so. The mask threshold is set to the same value (clipped to [0, 1] for probability maps): the image
+above its own threshold. A score that is a probability (VMAD's, ``scale="logit"``) is bounded, so the bound is
+taken on its log-odds: m, sd and the bound of logit(s_i), then t = sigmoid(bound) (clipped to
+[1e-12, 1 - 1e-12] first); on the raw probabilities a wide spread of the normal scores put t above 1, so that
+every image was called normal (the rule before 2026-12-03, still ``scale="linear"``, MuSc's). The mask
+threshold is set to the same value (clipped to [0, 1] for probability maps): the image
 score is the maximum of the map (MuSc: exactly, so a normal verdict has an empty mask; VMAD: of the
 Gaussian-smoothed map, while the mask thresholds the raw one, so the two agree only roughly).
 
@@ -31,7 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vmad.errors import VMADError
 
@@ -40,8 +42,11 @@ CALIBRATION_VERSION = 1
 DEFAULT_FPR = 0.05
 RULE_TEXT = (
     "t = max(mean + q * sd * sqrt(1 + 1/n), max score), q = Student-t quantile(1 - fpr, n - 1): one-sided "
-    "upper prediction bound for one more normal score (Gaussian assumption); anomalous when score > t"
+    "upper prediction bound for one more normal score (Gaussian assumption; for probabilities on their "
+    "log-odds); anomalous when score > t"
 )
+Scale = Literal["linear", "logit"]
+LOGIT_EPS = 1e-12
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Calibration:
     class_name: str | None = None
     answer_mode: bool = False
     created: str = ""
+    scale: Scale = "linear"
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, **asdict(self)}
@@ -134,10 +140,31 @@ def describe_method(method: Mapping[str, Any]) -> str:
     return f"baseline {method.get('kind')!r}"
 
 
+def _logit(p: float) -> float:
+    p = min(max(p, LOGIT_EPS), 1.0 - LOGIT_EPS)
+    return math.log(p) - math.log1p(-p)
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
 def threshold_from_normals(
-    scores: Sequence[float], fpr: float = DEFAULT_FPR
+    scores: Sequence[float], fpr: float = DEFAULT_FPR, scale: Scale = "linear"
 ) -> tuple[float, dict[str, float]]:
-    """``(threshold, stats)`` by the module rule; VMADError for fewer than 2 scores or a bad ``fpr``."""
+    """``(threshold, stats)`` by the module rule; ``scale="logit"`` for probabilities (the bound on their
+    log-odds; stats in log-odds too). VMADError for fewer than 2 scores, a bad ``fpr``, or a probability
+    outside [0, 1]."""
+    if scale not in ("linear", "logit"):
+        raise VMADError(f"scale must be 'linear' or 'logit', got {scale!r}")
+    if scale == "logit":
+        bad = [s for s in scores if not 0.0 <= float(s) <= 1.0]
+        if bad:
+            raise VMADError(f"calibration scores on the logit scale must be probabilities in [0, 1], "
+                            f"got {bad[0]}")
+        threshold, info = threshold_from_normals([_logit(float(s)) for s in scores], fpr)
+        top = max(float(s) for s in scores)
+        return max(_sigmoid(threshold), top), {**info, "max_probability": top}
     from scipy import stats
 
     values = [float(s) for s in scores]
@@ -163,11 +190,12 @@ def make_calibration(
     method: dict[str, Any],
     fpr: float = DEFAULT_FPR,
     mask_range: tuple[float, float] | None = (0.0, 1.0),
+    scale: Scale = "linear",
     **extra: Any,
 ) -> Calibration:
-    """A :class:`Calibration` by the module rule; the mask threshold is the image threshold, clipped to
-    ``mask_range`` (None: not clipped)."""
-    threshold, info = threshold_from_normals(scores, fpr)
+    """A :class:`Calibration` by the module rule on ``scale``; the mask threshold is the image threshold,
+    clipped to ``mask_range`` (None: not clipped)."""
+    threshold, info = threshold_from_normals(scores, fpr, scale)
     mask = threshold if mask_range is None else min(max(threshold, mask_range[0]), mask_range[1])
     return Calibration(
         image_threshold=threshold,
@@ -176,6 +204,7 @@ def make_calibration(
         scores=[float(s) for s in scores],
         fpr=fpr,
         stats=info,
+        scale=scale,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     )

@@ -115,7 +115,9 @@ class DetectorConfig:
             answer (``llm.seg_answer``, "It is <seg>.") and a normal answer ("No defect was found ...");
             ``evidence`` = the segmentation-only forward runs first and its verdict (``score >
             image_threshold`` when a threshold is set, else a non-empty binary mask) fixes whether the answer
-            says "No defect was found" after "It is <seg>."; the LLM writes the rest.
+            says "No defect was found" after "It is <seg>."; the LLM writes the rest. Only for the default
+            segmentation + answer question (:meth:`Detector.default_question`), not for other questions
+            or chat follow-up turns.
     """
 
     threshold: float = 0.5
@@ -268,6 +270,7 @@ class Detector:
             [d.anomaly_score for d in dets],
             self.method_info(),
             fpr,
+            scale="logit",  # the image score is a probability
             images=[d.source or f"<array {i}>" for i, d in enumerate(dets)],
             class_name=class_name,
             answer_mode=answer,
@@ -363,12 +366,13 @@ class Detector:
             priors = self.normality_priors([t for t, _, _ in loaded])
         elif len(priors.maps) != len(loaded):
             raise VMADError(f"priors has {len(priors.maps)} maps for {len(loaded)} images")
-        return self._run_batches(loaded, priors, answer, q, fallback_q, tokens)
+        evidence = answer and self._evidence_verdict(q, class_name)
+        return self._run_batches(loaded, priors, answer, q, fallback_q, tokens, evidence)
 
 
     def _run_batches(
         self, loaded: list[tuple[torch.Tensor, str | None, tuple[int, int]]], priors: Priors | None,
-        answer: bool, q: str, fallback_q: str, tokens: int,
+        answer: bool, q: str, fallback_q: str, tokens: int, evidence: bool = False,
     ) -> list[Detection]:
         """``config.batch_size`` images at a time; same-size images of a batch share one forward."""
         out: list[Detection | None] = [None] * len(loaded)
@@ -387,7 +391,7 @@ class Detector:
                 if priors is not None and priors.mode != "none":
                     extra["priors"] = priors.tensor(idx)
                 results = (
-                    self._answer(batch, q, fallback_q, tokens, **extra)
+                    self._answer(batch, q, fallback_q, tokens, evidence=evidence, **extra)
                     if answer else self._segment(batch, q, **extra)
                 )
                 for i, det in zip(idx, results, strict=True):
@@ -417,11 +421,14 @@ class Detector:
     def _answer(
         self, images: torch.Tensor, question: str, fallback: str, tokens: int,
         sizes: Sequence[tuple[int, int] | None] | None = None, priors: torch.Tensor | None = None,
+        evidence: bool = False,
     ) -> list[Detection]:
+        """Answer mode; ``evidence``: the verdict comes from the segmentation-only pass first
+        (:meth:`_evidence_openings`)."""
         sizes = sizes or [None] * len(images)
         extra: dict[str, Any] = {} if priors is None else {"priors": priors}
         seg: dict[int, tuple[torch.Tensor, float]] = {}  # image -> mask and score without <seg> in the answer
-        if self.config.answer_verdict == "evidence":  # the verdict first, from the segmentation-only pass
+        if evidence:  # the verdict first, from the segmentation-only pass
             encoded = self.model.encode_images(images, priors)
             first = self.model.segment(images, fallback, encoded=encoded)
             seg = {i: (first.probs[i], float(first.scores[i])) for i in range(len(images))}
@@ -446,6 +453,12 @@ class Detector:
             det.answer = gen.texts[i]
             out.append(det)
         return out
+
+    def _evidence_verdict(self, question: str, class_name: str | None) -> bool:
+        """``answer_verdict="evidence"`` applies to the default segmentation + answer question only (its
+        answers open with the segmentation answer); other questions and chat follow-ups are the LLM's."""
+        return (self.config.answer_verdict == "evidence"
+                and question == self.default_question(class_name, answer=True))
 
     def _evidence_openings(self, seg: SegmentationResult) -> dict[str, list[str | None]]:
         """``answer_verdict="evidence"``: per image, the segmentation-only verdict (``score >
@@ -485,7 +498,9 @@ class Detector:
         tensor, source, size = _load(image, self.config.max_pixels)
         folded = self.fold_history(history, question)
         tokens = max_new_tokens or self.config.max_new_tokens
-        [det] = self._answer(tensor[None], folded, self.default_question(class_name), tokens, [size])
+        evidence = not history and self._evidence_verdict(question, class_name)
+        [det] = self._answer(tensor[None], folded, self.default_question(class_name), tokens, [size],
+                             evidence=evidence)
         det.source, det.question = source, question
         reply = det.answer or ""
         return ChatTurn(question, reply, det, [*history, (question, reply)])
