@@ -18,7 +18,8 @@ the highest one). Each method runs through the command line exactly as a user wo
 Reported per method: the threshold, true-positive rate (anomalous called anomalous), true-negative rate, their
 mean (balanced accuracy) and, for context, the image AUROC of the same scores (threshold-free).
 
-    python benchmarks/calibrated_verdicts.py --out benchmarks/results/calibrated_verdicts.md
+    python benchmarks/calibrated_verdicts.py --out benchmarks/results/calibrated_verdicts.md \
+        [--prior-model DIR]   # a `vmad model add-prior` output: one more row, folder mode
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def main() -> int:
     parser.add_argument("--class-name", default="bottle")
     parser.add_argument("--n-calib", type=int, default=5, help="normal test images used for calibration")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
+    parser.add_argument("--prior-model", metavar="DIR",
+                        help="also a VMAD model with a normality prior (`vmad model add-prior`): calibrated "
+                        "on the normal images (priors among themselves), the test folder in folder mode")
     args = parser.parse_args()
     if not (SHARED / args.dataset).is_dir():
         print(f"skip: {SHARED / args.dataset} is absent", file=sys.stderr)
@@ -132,6 +136,13 @@ def main() -> int:
                  "--out", str(work / "out_musc_ref"), "--no-progress"],
             ),
         }
+        if args.prior_model:
+            prior, model = str(work / "prior.json"), args.prior_model
+            runs["VMAD-small + prior (folder)"] = (
+                ["calibrate", *normal_args, "--model", model, *cls, "--out", prior],
+                ["detect", str(test_dir), "--model", model, *cls, "--no-answer", "--threshold-file", prior,
+                 "--out", str(work / "out_prior"), "--no-progress"],
+            )
         stats = {}
         for name, (calibrate, detect) in runs.items():
             run(calibrate)
