@@ -125,7 +125,8 @@ def main() -> int:
         "by -log p(normal description | image, question, \"It is <seg>.\"; without a normality prior);",
         "mask-score Img AUROC: ranked by",
         "the mask-based image score (`vmad eval`'s image score). Mask verdict: anomalous when the binary",
-        "mask (probability > 0.5) is non-empty; answer agrees with mask: share of images where the answer's",
+        "mask (probability > the mask threshold: 0.5, or the calibrated threshold with --n-calib) is",
+        "non-empty; answer agrees with mask: share of images where the answer's",
         "verdict equals the mask verdict.",
     ]
     write_report(args.out, "Does the text answer tell normal from anomalous?", details, head, rows, notes)
