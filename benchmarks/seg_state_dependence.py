@@ -90,7 +90,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for the per-run results")
     parser.add_argument("--sets", nargs="*", default=list(DEFAULT_SETS),
-                        help="dataset[:max_per_class] under ../shared/data (0 or none = all)")
+                        help="dataset[:max_per_class]: a folder under ../shared/data or an absolute path "
+                             "(e.g. the output of make_heldout_textures.py); 0 or none = all")
     args = parser.parse_args()
     if not SHARED.is_dir():
         print(f"skip: {SHARED} is absent", file=sys.stderr)
@@ -100,7 +101,8 @@ def main() -> int:
     rows = []
     for spec in args.sets:
         name, _, cap = spec.partition(":")
-        dataset = load_dataset(SHARED / name)
+        dataset = load_dataset(Path(name) if Path(name).is_absolute() else SHARED / name)
+        name = Path(name).name if Path(name).is_absolute() else name  # no machine path in the report
         own: dict[str, float] = {}
         for label, scorer in scorers.items():
             out = args.out_dir / scorer.name / name.replace("/", "_")

@@ -72,6 +72,22 @@ def test_find_latest_ignores_partial_writes(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ training
 
 
+def test_verdict_head_trains_alone_and_is_logged(riad: Path, tmp_path: Path) -> None:
+    """seg_head.verdict (OURS) with everything else frozen: only the head moves, loss_verdict is logged."""
+    out = tmp_path / "verdict"
+    frozen = "[projector,seg_head,neck,mask_decoder,new_token_rows,lora]"
+    run(riad, out, 2, **{"model.seg_head.verdict": "true", "train.freeze": frozen, "train.dssl": "false"})
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(r["loss_verdict"] is None or np.isfinite(r["loss_verdict"]) for r in rows)
+    assert any(r["loss_verdict"] is not None for r in rows)
+    final = weights(out / "final")
+    from vmad.model.build import build_vmad
+
+    start = build_vmad(load_train_config(TINY, tiny_overrides(riad, out, 2)).model).state_dict()
+    assert float(final["seg_verdict.linear.weight"].abs().sum()) > 0  # moved from its zero start
+    assert torch.equal(final["seg_head.net.0.weight"], start["seg_head.net.0.weight"])
+
+
 def test_few_steps_log_checkpoint_final(riad: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = run(riad, out, 4)

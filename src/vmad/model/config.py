@@ -169,10 +169,13 @@ class LoRAConfig:
 class SegHeadConfig:
     """Γ of Eq. 4: Linear-ReLU-Linear from the LLM width to the decoder's prompt width (256 in the paper).
 
-    ``hidden`` None = the LLM width (OURS, LISA's text_hidden_fcs)."""
+    ``hidden`` None = the LLM width (OURS, LISA's text_hidden_fcs). ``verdict`` (OURS, off = the paper): a
+    linear head on H̄_seg whose probability that the image is anomalous multiplies every mask probability
+    (:mod:`vmad.model.seg_verdict`), trained with weight ``model.loss.verdict``."""
 
     out_dim: int = 256
     hidden: int | None = None
+    verdict: bool = False
 
     def validate(self) -> None:
         check_range("seg_head.out_dim", self.out_dim, 1, MAX_WIDTH)
@@ -255,17 +258,21 @@ class LossConfig:
     """Loss weights of Eq. 6-7: λ_txt = 1, λ_bce = 2, λ_dice = 0.5 (OURS, LISA's), λ_seg = 1.
 
     ``pbsd`` is λ_pbsd of Eq. 7, the weight of DSSL's L_pbsd (Eq. 17; OURS: 1.0); it applies only when
-    DSSL is trained (``train.dssl``)."""
+    DSSL is trained (``train.dssl``). ``verdict`` (OURS): weight of the image-level BCE of the ``<seg>``
+    verdict head (models with ``seg_head.verdict``) against "the target mask is not blank"."""
 
     txt: float = 1.0
     seg: float = 1.0
     bce: float = 2.0
     dice: float = 0.5
     pbsd: float = 1.0
+    verdict: float = 1.0
 
     def validate(self) -> None:
         if self.pbsd < 0:
             raise ConfigError(f"model.loss.pbsd must be >= 0, got {self.pbsd}")
+        if self.verdict < 0:
+            raise ConfigError(f"model.loss.verdict must be >= 0, got {self.verdict}")
 
 
 @dataclass

@@ -40,7 +40,9 @@ class VMADOutput:
     ``answer_logits [K, V]`` / ``answer_targets [K]``: next-token logits and targets at the K supervised
     positions (L_txt); ``mask_logits [S, H, W]`` / ``mask_targets``: masks of the S samples ``mask_rows`` that
     have a segmentation answer (None when there is none); ``hidden_states [B, T, D]``, ``ids [B, T]`` and
-    ``seg_positions [B]`` in the spliced layout; ``encoded``: the image side (DSSL reads it)."""
+    ``seg_positions [B]`` in the spliced layout; ``encoded``: the image side (DSSL reads it);
+    ``verdict_logits [S]``: the ``<seg>`` verdict of the S samples ``mask_rows`` (OURS, None without a verdict
+    head)."""
 
     answer_logits: Tensor
     answer_targets: Tensor
@@ -51,6 +53,7 @@ class VMADOutput:
     ids: Tensor
     seg_positions: Tensor
     encoded: EncodedImages
+    verdict_logits: Tensor | None = None
 
 
 @dataclass

@@ -37,6 +37,8 @@ def model_summary(model: nn.Module) -> dict[str, Any]:
     ]
     if model.mask_prompt is not None:
         parts.append(("mask_prompt", model.mask_prompt))
+    if model.seg_verdict is not None:
+        parts.append(("seg_verdict", model.seg_verdict))
     for name, module in parts:
         total, trainable = count_parameters(module)
         count_parameters(module, seen)

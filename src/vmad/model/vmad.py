@@ -31,6 +31,7 @@ from vmad.model.mask_prompt import MaskPrompt, insert_mask_prompt
 from vmad.model.outputs import EncodedImages, GenerationResult, SegmentationResult, VMADOutput
 from vmad.model.prior_prompt import prior_to_frame
 from vmad.model.scoring import image_scores
+from vmad.model.seg_verdict import SegVerdict, gate_logits
 from vmad.model.sequence import TokenSequence, first_index, seg_positions, splice
 from vmad.model.summary import model_summary
 from vmad.model.token_rows import NewTokenRows
@@ -84,6 +85,8 @@ class VMADModel(nn.Module):
                 llm_cfg.mask_prompt_grid,
                 init_embedding=mean_row,
             ).to(self.new_token_rows.embed.device)
+        verdict = SegVerdict(llm.get_input_embeddings().weight.shape[1]) if config.seg_head.verdict else None
+        self.seg_verdict = verdict.to(self.new_token_rows.embed.device) if verdict is not None else None
         pad = tokenizer.pad_token_id
         self.slot_token_id = int(pad) if pad is not None else 0  # id shown at mask-prompt positions
         if config.lora.enabled:
@@ -166,8 +169,16 @@ class VMADModel(nn.Module):
         maps = self.backbone_maps(encoded)
         return maps[-1] if self.neck is None else self.neck([m.to(param_dtype(self.neck)) for m in maps])
 
+    def verdict_logits(self, h_seg: Tensor) -> Tensor | None:
+        """``[K]`` log-odds that each image is anomalous, from H̄_seg (OURS, ``seg_head.verdict``); None when
+        the model has no verdict head."""
+        if self.seg_verdict is None:
+            return None
+        return self.seg_verdict(h_seg.to(param_dtype(self.seg_verdict))).float()
+
     def mask_logits(self, encoded: EncodedImages, h_seg: Tensor, size: tuple[int, int]) -> Tensor:
-        """Eq. 4-5: H_seg = Γ(H̄_seg); M̄ = M_decoder(H_seg, f), upsampled to ``size``: ``[K, H, W]`` logits."""
+        """Eq. 4-5: H_seg = Γ(H̄_seg); M̄ = M_decoder(H_seg, f), upsampled to ``size``: ``[K, H, W]`` logits.
+        With a verdict head each pixel's probability is multiplied by the image's verdict (OURS)."""
         prompts = self.seg_head(h_seg.to(param_dtype(self.seg_head)))[:, None]
         dtype = param_dtype(self.mask_decoder)
         frame = self.visual_backbone if self.visual_backbone is not None else self.vision_encoder
@@ -175,7 +186,9 @@ class VMADModel(nn.Module):
         if encoded.priors is not None and self.config.mask_decoder.prior_prompt:
             prior = prior_to_frame(encoded.priors, frame.resize, frame.image_size)
         low = self.mask_decoder(self.image_embeddings(encoded).to(dtype), prompts.to(dtype), prior)
-        return frame.to_image(low.float(), size)[:, 0]  # un-pad and un-resize to the image
+        logits = frame.to_image(low.float(), size)[:, 0]  # un-pad and un-resize to the image
+        verdict = self.verdict_logits(h_seg)
+        return logits if verdict is None else gate_logits(logits, verdict)
 
     def mask_probs(self, encoded: EncodedImages, h_seg: Tensor) -> Tensor:
         """Mask probabilities at the input image size."""
@@ -254,13 +267,14 @@ class VMADModel(nn.Module):
         if bool((has_mask & (seg_pos < 0)).any()):
             raise VMADError("a sample marked has_mask has no <seg> token in its answer")
         rows = torch.nonzero(has_mask).flatten()
-        mask_logits = mask_targets = None
+        mask_logits = mask_targets = verdict = None
         if len(rows):
             if batch.get("masks") is None:
                 raise VMADError("the batch has segmentation answers but no 'masks'")
             mask_targets = batch["masks"].to(device)[rows]
             h_seg = hidden[rows, seg_pos[rows]]
             mask_logits = self.mask_logits(encoded.rows(rows), h_seg, tuple(mask_targets.shape[-2:]))
+            verdict = self.verdict_logits(h_seg)
         return VMADOutput(
             answer_logits=self.logits(hidden[:, :-1][keep]),
             answer_targets=target[keep],
@@ -271,6 +285,7 @@ class VMADModel(nn.Module):
             ids=seq.ids,
             seg_positions=seg_pos,
             encoded=encoded,
+            verdict_logits=verdict,
         )
 
     @torch.no_grad()

@@ -26,7 +26,9 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PACKAGED_MODELS: dict[str, str] = {"small": "weights/small"}
 # Top-level parts whose whole state (buffers included) is trained and saved.
-TRAINED_PARTS = ("projector.", "seg_head.", "mask_decoder.", "neck.", "new_token_rows.", "mask_prompt.")
+TRAINED_PARTS = (
+    "projector.", "seg_head.", "mask_decoder.", "neck.", "new_token_rows.", "mask_prompt.", "seg_verdict."
+)
 # Version-1 key names -> current ones.
 LEGACY_KEYS = {"new_token_embed": "new_token_rows.embed", "new_token_out": "new_token_rows.out"}
 LEGACY_SCALARS = ("mask_decoder.logit_bias",)  # [1] since version 2

@@ -30,6 +30,7 @@ FREEZABLE = (
     "neck",
     "mask_decoder",
     "mask_prompt",
+    "seg_verdict",
     "new_token_rows",
     "new_token_embed",
     "new_token_out",
@@ -110,9 +111,9 @@ class TrainLoopConfig:
             model section must describe the same model; optimizer, schedule and DSSL (heads, memory) start
             fresh.
         freeze: trained parts kept fixed in this run, by name: ``projector``, ``seg_head``, ``neck``,
-            ``mask_decoder``, ``mask_prompt``, ``new_token_rows`` (or one of its two matrices,
-            ``new_token_embed`` / ``new_token_out``), ``lora`` (with ``init_from``: e.g. keep the masks of a
-            trained model while its answers are fine-tuned). They are still saved with the rest.
+            ``mask_decoder``, ``mask_prompt``, ``seg_verdict``, ``new_token_rows`` (or one of its two
+            matrices, ``new_token_embed`` / ``new_token_out``), ``lora`` (with ``init_from``: e.g. keep the
+            masks of a trained model while its answers are fine-tuned). They are still saved with the rest.
     """
 
     max_steps: int = 0

@@ -1,8 +1,9 @@
 """The training objective of VMAD (Eq. 6-7 and 17), computed from the model's :class:`VMADOutput`.
 
 L = λ_txt L_txt + λ_seg (λ_bce BCE + λ_dice DICE) + λ_pbsd L_pbsd, weights from ``model.loss``; L_pbsd only
-when DSSL is on (``train.dssl``). :class:`TrainingModule` is what the trainer hands to Accelerate (model and
-DSSL heads together, so DDP/DeepSpeed see every trained parameter).
+when DSSL is on (``train.dssl``). OURS: a model with the ``<seg>`` verdict head adds λ_seg λ_verdict times
+its image-level BCE to the segmentation term. :class:`TrainingModule` is what the trainer hands to
+Accelerate (model and DSSL heads together, so DDP/DeepSpeed see every trained parameter).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from vmad.train.dssl_loss import DSSLLoss
 class LossTerms:
     """The weighted total ``loss`` and each unweighted term; ``bce``/``dice`` are None when no sample of the
     batch had a segmentation answer, ``pbsd`` None without DSSL; ``dice_masks``: masks with a foreground
-    pixel (Dice is taken over those)."""
+    pixel (Dice is taken over those); ``verdict``: BCE of the ``<seg>`` verdict (OURS; None without a
+    verdict head or a segmentation answer)."""
 
     loss: Tensor
     txt: Tensor
@@ -33,6 +35,7 @@ class LossTerms:
     dice: Tensor | None
     pbsd: Tensor | None
     dice_masks: int
+    verdict: Tensor | None = None
 
 
 def text_loss(output: VMADOutput) -> Tensor:
@@ -40,6 +43,12 @@ def text_loss(output: VMADOutput) -> Tensor:
     if output.answer_targets.numel() == 0:
         return output.hidden_states.sum() * 0.0
     return F.cross_entropy(output.answer_logits.float(), output.answer_targets)
+
+
+def verdict_loss(verdict_logits: Tensor, mask_targets: Tensor) -> Tensor:
+    """BCE of the ``<seg>`` verdict logits ``[S]`` against "the target mask ``[S, H, W]`` is not blank"."""
+    anomalous = (mask_targets.flatten(1) > 0).any(1).float()
+    return F.binary_cross_entropy_with_logits(verdict_logits.float(), anomalous)
 
 
 class VMADLoss(nn.Module):
@@ -53,7 +62,7 @@ class VMADLoss(nn.Module):
     def forward(self, model: VMADModel, batch: Mapping[str, Any], output: VMADOutput) -> LossTerms:
         w = self.weights
         txt = text_loss(output)
-        bce = dice = None
+        bce = dice = verdict = None
         dice_masks = 0
         if output.mask_logits is not None and output.mask_targets is not None:
             bce, dice = (
@@ -62,6 +71,9 @@ class VMADLoss(nn.Module):
             )
             seg = bce * w.bce + dice * w.dice
             dice_masks = int((output.mask_targets.flatten(1) > 0).any(1).sum())
+            if output.verdict_logits is not None:
+                verdict = verdict_loss(output.verdict_logits, output.mask_targets)
+                seg = seg + w.verdict * verdict
         else:  # keeps Γ in the graph (DDP expects a gradient for every trained parameter)
             seg = sum(p.sum() for p in model.seg_head.parameters()) * 0.0
         loss = w.txt * txt + w.seg * seg
@@ -69,7 +81,7 @@ class VMADLoss(nn.Module):
         if self.dssl is not None:
             pbsd = self.dssl(model, batch, output)
             loss = loss + w.pbsd * pbsd
-        return LossTerms(loss, txt, bce, dice, pbsd, dice_masks)
+        return LossTerms(loss, txt, bce, dice, pbsd, dice_masks, verdict)
 
 
 class TrainingModule(nn.Module):

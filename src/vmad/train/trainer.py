@@ -45,7 +45,8 @@ from vmad.train.priors import training_priors
 LOG_NAME = "log.jsonl"
 DSSL_WEIGHTS = "dssl.safetensors"  # DSSL heads and Meta-Net in a checkpoint (not in final/)
 FINAL_DIR = "final"
-LOSS_KEYS = ("loss", "loss_txt", "loss_bce", "loss_dice", "loss_pbsd")
+LOSS_KEYS = ("loss", "loss_txt", "loss_bce", "loss_dice", "loss_pbsd", "loss_verdict")
+N_SUMS = 10  # the entries of _loss_sums
 # Config parts that must match for an exact resume.
 RESUME_KEYS = ("model", "data", "dssl")
 RESUME_TRAIN_KEYS = (
@@ -205,11 +206,11 @@ class Trainer:
         """Load ``train.init_from`` (parts it lacks, the OURS mask and prior prompts, start fresh), then
         freeze ``train.freeze``."""
         if init_from is not None:
-            new_parts = ("mask_prompt.", "mask_decoder.prior_prompt.")
+            new_parts = ("mask_prompt.", "mask_decoder.prior_prompt.", "seg_verdict.")
             fresh = self.model.load_trainable(init_from, keep_fresh=new_parts)
             if fresh and self.rank == 0:
-                print(f"{init_from}: {len(fresh)} tensors not in it start fresh (mask prompt / prior prompt)",
-                      file=sys.stderr)
+                print(f"{init_from}: {len(fresh)} tensors not in it start fresh "
+                      "(mask prompt / prior prompt / verdict)", file=sys.stderr)
         freeze_parts(self.model, self.cfg.train.freeze)
 
     def _optimizer_and_schedule(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -407,7 +408,7 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; adds their loss sums to ``window``;
         returns the learning rate it used."""
         acc, t = self.acc, self.cfg.train
-        sums = torch.zeros(8, dtype=torch.float64, device=acc.device)
+        sums = torch.zeros(N_SUMS, dtype=torch.float64, device=acc.device)
         for micro in range(t.grad_accum):
             batch = self._batch(next(stream))
             sync = micro == t.grad_accum - 1
@@ -505,7 +506,7 @@ class Trainer:
             disable=not (t.progress and acc.is_main_process),
             dynamic_ncols=True,
         )
-        window = torch.zeros(8, dtype=torch.float64)
+        window = torch.zeros(N_SUMS, dtype=torch.float64)
         last_saved = self.step if resumed is not None else -1
         stopped = False
         while self.step < self.total_steps:
@@ -595,9 +596,11 @@ def _without(section: Any, keys: tuple[str, ...] = ("num_workers",)) -> Any:
 
 
 def _loss_sums(terms: LossTerms, device: torch.device) -> torch.Tensor:
-    """[loss, txt, pbsd, n, bce, dice, n_seg, n_dice] of one micro-batch (mask terms only when it had masks;
-    Dice only when one of them was non-blank, see ``dice_loss``)."""
+    """[loss, txt, pbsd, n, bce, dice, n_seg, n_dice, verdict, n_verdict] of one micro-batch (mask terms only
+    when it had masks; Dice only when one of them was non-blank, see ``dice_loss``; the verdict term only for
+    a model with a verdict head)."""
     has_seg = terms.bce is not None and terms.dice is not None
+    has_verdict = terms.verdict is not None
     has_dice = has_seg and terms.dice_masks > 0
     vals = [
         float(terms.loss.detach()),
@@ -608,6 +611,8 @@ def _loss_sums(terms: LossTerms, device: torch.device) -> torch.Tensor:
         float(terms.dice.detach()) if has_dice else 0.0,  # type: ignore[union-attr]
         1.0 if has_seg else 0.0,
         1.0 if has_dice else 0.0,
+        float(terms.verdict.detach()) if has_verdict else 0.0,  # type: ignore[union-attr]
+        1.0 if has_verdict else 0.0,
     ]
     return torch.tensor(vals, dtype=torch.float64, device=device)
 
@@ -629,7 +634,7 @@ def _dssl_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def _log_entry(step: int, epoch: int, lr: float, w: torch.Tensor, dssl: bool) -> dict[str, Any]:
-    n, n_seg, n_dice = float(w[3]), float(w[6]), float(w[7])
+    n, n_seg, n_dice, n_verdict = float(w[3]), float(w[6]), float(w[7]), float(w[9])
     return {
         "step": step,
         "epoch": epoch,
@@ -639,6 +644,7 @@ def _log_entry(step: int, epoch: int, lr: float, w: torch.Tensor, dssl: bool) ->
         "loss_bce": float(w[4]) / n_seg if n_seg else None,
         "loss_dice": float(w[5]) / n_dice if n_dice else None,
         "loss_pbsd": float(w[2]) / n if dssl else None,
+        "loss_verdict": float(w[8]) / n_verdict if n_verdict else None,
     }
 
 
