@@ -200,7 +200,8 @@ def test_legacy_training_config_moves_lambda_pbsd() -> None:
     legacy["model"]["loss"]["pbsd"] = 0.0  # what training runs saved when train.dssl was off
     legacy["train"]["dssl"] = False
     upgraded = upgrade_legacy(legacy)
-    assert upgraded["model"]["loss"] == {"txt": 1.0, "seg": 1.0, "bce": 2.0, "dice": 0.5, "pbsd": 0.5}
+    expected = {"txt": 1.0, "seg": 1.0, "bce": 2.0, "dice": 0.5, "pbsd": 0.5, "verdict": 1.0}
+    assert upgraded["model"]["loss"] == expected
     assert "lambda_pbsd" not in upgraded["dssl"] and legacy["dssl"]["lambda_pbsd"] == 0.5  # input untouched
     assert TrainConfig.from_dict(legacy).model.loss.pbsd == 0.5
     assert upgrade_legacy({"dssl": {"lambda_pbsd": 0.5}})["model"] == {"loss": {"pbsd": 0.5}}
