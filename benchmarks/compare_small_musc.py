@@ -44,6 +44,13 @@ def parse_vmad(spec: str) -> tuple[str, str, str]:
     return label, model, prior or "folder"
 
 
+def prior_label(scorer: object, prior: str) -> str:
+    """The prior mode as the report names it: a model without the prior input takes none whatever asked."""
+    if prior == "off" or scorer._uses_priors():  # type: ignore[attr-defined]
+        return prior
+    return "none (the model takes no prior)"
+
+
 def run_rows(scorers: dict[str, object], sets: tuple[tuple[str, int | None], ...], out_dir: Path
              ) -> list[str]:
     rows = []
@@ -89,7 +96,8 @@ def main() -> int:
     rows = run_rows(scorers, sets, args.out_dir)
     head = ["Data (test split)", "Method", "images"] + [h for _, h in KEYS] + ["s/img model"]
     details = [
-        "- VMAD models: " + "; ".join(f"{lab} = `{model}` (prior: {prior})" for lab, model, prior in specs),
+        "- VMAD models: " + "; ".join(f"{lab} = `{model}` (prior: {prior_label(scorers[lab], prior)})"
+                                      for lab, model, prior in specs),
         "- MuSc: `MuScConfig` defaults (EfficientNet-Lite0), mutual scoring over each class's test images,",
         f"  in interleaved groups of at most {args.musc_group_size} images (0 = all at once); priors: groups",
         "  of at most 200",

@@ -115,10 +115,40 @@ def test_add_prior_command_gives_trained_weights_the_prior(tiny_ckpt, tmp_path, 
     # defaults: the weights chosen on held-out surfaces
     assert main(["model", "add-prior", "--model", str(tiny_ckpt), "--out", str(tmp_path / "d")]) == 0
     defaults = Detector.from_pretrained(tmp_path / "d", config=DetectorConfig(device="cpu")).model.config
-    assert (defaults.mask_decoder.prior_skip_init, defaults.score.prior_weight) == (4.0, 2.0)
+    assert (defaults.mask_decoder.prior_skip_init, defaults.score.prior_weight, defaults.score.space) == (
+        8.0, 0.0, "logit")
+    assert main(["model", "add-prior", "--model", str(tiny_ckpt), "--score-space", "probability",
+                 "--out", str(tmp_path / "p")]) == 0
+    prob = Detector.from_pretrained(tmp_path / "p", config=DetectorConfig(device="cpu")).model.config
+    assert prob.score.space == "probability"
     (tmp_path / "file").write_text("x")
     onto_file = ["model", "add-prior", "--model", str(tiny_ckpt), "--skip-weight", "1",
                  "--out", str(tmp_path / "file" / "m")]
     assert main(onto_file) != 0
     assert "exists and is not a folder" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_logit_score_space_gives_the_evaluation_log_odds(prior_detector: Detector) -> None:
+    import copy
+
+    model = copy.deepcopy(prior_detector.model)
+    model.config.score.space = "logit"
+    with torch.no_grad():
+        model.mask_decoder.prior_prompt.skip_weight.fill_(40.0 / SKIP_GAIN)  # a strong skip saturates
+    det = Detector(model, DetectorConfig(device="cpu", batch_size=2))
+    images = parts(4, stain=2)
+    dets = det.detect(images)
+    d = dets[2]
+    assert d.logit_map is not None and d.logit_map.shape == d.probability_map.shape
+    expit = 1 / (1 + np.exp(-d.logit_map.astype(np.float64)))
+    np.testing.assert_allclose(d.probability_map, expit, atol=1e-6)
+    assert float(d.probability_map.max()) == 1.0 and float(d.logit_map.max()) > 17.0  # saturated, not tied
+    assert d.score_logit is not None and d.anomaly_score == pytest.approx(1 / (1 + np.exp(-d.score_logit)))
+    out = VMADScorer(detector=det, config=det.config).score(images, "part")
+    np.testing.assert_allclose(out.anomaly_maps[2], d.logit_map, atol=1e-2)  # another batch: float noise
+    assert out.image_scores.tolist() == pytest.approx([x.score_logit for x in dets], abs=1e-2)
+    assert int(np.argmax(out.image_scores)) == 2
+    # probability space (the default): probabilities, no logit map
+    plain = prior_detector.detect(images)
+    assert plain[2].logit_map is None and plain[2].score_logit is None

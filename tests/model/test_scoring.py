@@ -45,3 +45,30 @@ def test_prior_weight_shifts_the_score_logit_by_the_prior_peak() -> None:
     assert a < b < 1.0
     with pytest.raises(Exception, match="prior_weight"):
         ScoreConfig(prior_weight=-1.0).validate()
+
+
+def test_logit_space_ranks_what_saturated_probabilities_tie() -> None:
+    from vmad.model.scoring import score_logits
+
+    logits = torch.full((3, 8, 8), -5.0)
+    logits[0, 2, 2], logits[1, 2, 2], logits[2, 2, 2] = 30.0, 45.0, 1.0
+    probs = logits.sigmoid()
+    assert float(probs[0].max()) == float(probs[1].max()) == 1.0  # float32 saturates: a tie
+    cfg = ScoreConfig(rule="max", space="logit")
+    z = score_logits(probs, cfg, None, logits)
+    assert z.dtype == torch.float64 and z.tolist() == pytest.approx([30.0, 45.0, 1.0])
+    assert image_scores(probs, cfg, None, logits).tolist() == pytest.approx(torch.sigmoid(z).tolist())
+    # the prior shift is added to the log-odds; an image without a prior keeps the mask's
+    priors = torch.zeros(3, 1, 4, 4)
+    priors[0, 0, 0, 0] = 7.0
+    priors[2] = float("nan")
+    shifted = score_logits(probs, ScoreConfig(rule="max", space="logit", prior_weight=2.0), priors, logits)
+    assert shifted.tolist() == pytest.approx([30.0 + 2.0 * 4.0, 45.0 - 2.0 * 3.0, 1.0])
+    # the smoothed rule blurs the logits, not the probabilities
+    blurred = score_logits(probs, ScoreConfig(rule="max_smoothed", sigma=1.0, space="logit"), None, logits)
+    assert -5.0 < float(blurred[1]) < 45.0 and float(blurred[1]) > float(blurred[0])
+    # probability space: the log-odds of the usual score
+    plain = ScoreConfig(rule="max")
+    assert score_logits(probs, plain, None, logits).tolist()[2] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(Exception, match="space"):
+        ScoreConfig(space="odds").validate()  # type: ignore[arg-type]

@@ -249,6 +249,7 @@ _IMAGE_FIELDS: tuple[str, ...] = (
     "verdict",
     "mask_threshold",
     "prior",
+    "score_logit",
 )
 
 
@@ -463,6 +464,7 @@ class _ImageOutputs:
             verdict=detection.verdict,
             mask_threshold=detection.mask_threshold,
             prior=getattr(detection, "prior", None),
+            score_logit=None if detection.score_logit is None else round(detection.score_logit, 4),
         )
         if not self.args.json:
             answer = f"  {detection.answer!r}" if detection.answer is not None else ""

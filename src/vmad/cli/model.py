@@ -15,8 +15,9 @@ from vmad.errors import ConfigError, VMADError
 
 # `vmad model add-prior` defaults (OURS): chosen on held-out surfaces built here, never on MVTec AD
 # (benchmarks/make_heldout_textures.py, benchmarks/results/prior_weights_heldout.md)
-DEFAULT_SKIP_WEIGHT = 4.0
-DEFAULT_SCORE_WEIGHT = 2.0
+DEFAULT_SKIP_WEIGHT = 8.0
+DEFAULT_SCORE_WEIGHT = 0.0
+DEFAULT_SCORE_SPACE = "logit"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,9 +86,10 @@ def _register_add_prior(actions: argparse._SubParsersAction) -> None:
         "add-prior",
         help="give trained weights the normality-prior input (OURS, late fusion, no training)",
         description="Load a trained model, turn on mask_decoder.prior_prompt with the skip weight W "
-        "(mask logits + W x the prior in standard units), the dense prior prompt at zero and the image "
-        "score's prior weight A, and write the result to OUT. Without a prior (a single image, or prior "
-        "off) OUT behaves exactly as the input.",
+        "(mask logits + W x the prior in standard units), the dense prior prompt at zero, the image "
+        "score's prior weight A and the score space, and write the result to OUT. Without a prior (a single "
+        "image, or prior off) OUT gives the input's masks; with score space 'logit' its image score is the "
+        "score rule applied to the mask logits.",
     )
     add_prior.add_argument("--model", default="small", help="packaged name or model folder (default small)")
     add_prior.add_argument("--skip-weight", type=float, default=DEFAULT_SKIP_WEIGHT, metavar="W",
@@ -97,6 +99,9 @@ def _register_add_prior(actions: argparse._SubParsersAction) -> None:
     add_prior.add_argument("--score-weight", type=float, default=DEFAULT_SCORE_WEIGHT, metavar="A",
                            help="image score: logit + A x (prior maximum - 3) (model.score.prior_weight; "
                            f"default {DEFAULT_SCORE_WEIGHT:g}, chosen the same way)")
+    add_prior.add_argument("--score-space", choices=("probability", "logit"), default=DEFAULT_SCORE_SPACE,
+                           help="model.score.space: 'logit' scores images and ranks maps by log-odds, which "
+                           "the skip cannot saturate (default %(default)s)")
     add_prior.add_argument("--out", required=True, help="output folder")
     add_prior.set_defaults(func=_add_prior)
 
@@ -223,10 +228,11 @@ def _add_prior(args: argparse.Namespace) -> int:
     config.mask_decoder.prior_prompt, config.mask_decoder.prior_skip = True, True
     config.mask_decoder.prior_skip_init = args.skip_weight
     config.score.prior_weight = args.score_weight
+    config.score.space = args.score_space
     config.validate()
     model = build_vmad(config)
     model.load_trainable(source, keep_fresh=("mask_decoder.prior_prompt.",))
     model.save_trainable(out)
     print(f"wrote {out}: {source} + normality prior, skip weight {args.skip_weight}, score weight "
-          f"{args.score_weight}")
+          f"{args.score_weight}, score space {args.score_space}")
     return 0

@@ -48,7 +48,9 @@ class Detection:
     ``mask_threshold``: the mask is ``map > mask_threshold``. ``image_threshold``: the verdict threshold
     (None: no verdict); ``verdict``: ``"anomalous"`` / ``"normal"`` / None (module rule). ``prior``: for a
     model that takes a normality prior (OURS), where the image's came from (``folder``, ``references``,
-    ``folder+references``) or ``none``; None for other models."""
+    ``folder+references``) or ``none``; None for other models. ``logit_map`` / ``score_logit`` (OURS, models
+    with ``model.score.space`` ``logit``, segmentation path): the mask logits beside ``probability_map`` (same
+    size) and the image score's log-odds, which keep their order where probabilities saturate at 1."""
 
     anomaly_score: float
     mask: np.ndarray
@@ -64,6 +66,8 @@ class Detection:
     verdict: str | None = None
     map_kind: str = "probability"
     prior: str | None = None
+    logit_map: np.ndarray | None = field(default=None, repr=False)
+    score_logit: float | None = None
 
     @property
     def anomaly_map(self) -> np.ndarray:
@@ -90,6 +94,12 @@ class Detection:
         if not self.downscaled:
             return self.probability_map
         return _upsample(self.probability_map, self.size)
+
+    def full_logit_map(self) -> np.ndarray | None:
+        """``logit_map`` at the input size (bilinear, as :meth:`full_probability_map`), or None."""
+        if self.logit_map is None or not self.downscaled:
+            return self.logit_map
+        return _upsample(self.logit_map, self.size)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -138,6 +148,7 @@ class Detection:
             "mask_threshold": self.mask_threshold,
             "map_kind": self.map_kind,
             "prior": self.prior,
+            "score_logit": self.score_logit,
         }
 
 

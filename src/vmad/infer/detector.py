@@ -24,6 +24,9 @@ Rules (OURS unless stated; every value is a :class:`DetectorConfig` field):
   segment path asked the segmentation-only question for the same object (``mask_from == "segment"``), so
   every Detection has a mask.
 - Binary mask: ``probability > threshold`` (default 0.5, i.e. mask logit > 0).
+- Score space (``model.score.space``): with ``logit`` the segmentation path also keeps the mask logits and
+  the score's log-odds (``Detection.logit_map``, ``Detection.score_logit``), and :class:`VMADScorer` hands
+  those to the evaluation: ranking metrics then see no ties where probabilities saturate at 1.
 - Verdict: ``"anomalous"`` when the image score is ``> image_threshold``, else ``"normal"``; no threshold, no
   verdict (None). :meth:`Detector.calibrate` derives both thresholds from a few normal images of the object,
   :meth:`Detector.load_threshold_file` reads them from a ``vmad calibrate`` file (rule:
@@ -415,7 +418,12 @@ class Detector:
         sizes = sizes or [None] * len(images)
         extra = {} if priors is None else {"priors": priors}
         res = self.model.segment(images, question, **extra)
-        return [self._detection(res.probs[i], float(res.scores[i]), question, sizes[i])
+        if self.model.config.score.space != "logit":
+            return [self._detection(res.probs[i], float(res.scores[i]), question, sizes[i])
+                    for i in range(len(images))]
+        logits = res.logits.detach().float().cpu().numpy()
+        return [self._detection(res.probs[i], float(res.scores[i]), question, sizes[i], logit_map=logits[i],
+                                score_logit=float(res.score_logits[i]))  # type: ignore[index]
                 for i in range(len(images))]
 
     def _answer(
@@ -546,6 +554,9 @@ class VMADScorer:
     def score(self, images: Sequence[np.ndarray], class_name: str) -> ScoreOutput:
         self.prepare()
         dets = self.detector.detect(list(images), class_name=class_name)  # type: ignore[union-attr]
+        if all(d.logit_map is not None and d.score_logit is not None for d in dets):  # score space "logit"
+            return ScoreOutput(image_scores=np.array([d.score_logit for d in dets], dtype=np.float64),
+                               anomaly_maps=[d.full_logit_map() for d in dets])  # type: ignore[misc]
         return ScoreOutput(
             image_scores=np.array([d.anomaly_score for d in dets], dtype=np.float64),
             anomaly_maps=[d.full_probability_map() for d in dets],  # type: ignore[arg-type]
@@ -569,7 +580,9 @@ class VMADScorer:
             "object_name": "class name with '_'/'-' as spaces",
             "score_rule": score,
             "score_description": SCORE_RULE_TEXT.get(score.get("rule", ""), "model image score"),
-            "anomaly_map": "mask probability (sigmoid of M_decoder logits) at the input image size",
+            "anomaly_map": "mask logits (M_decoder) at the input image size; image score = its log-odds"
+            if score.get("space") == "logit"
+            else "mask probability (sigmoid of M_decoder logits) at the input image size",
             **{k: v for k, v in asdict(self.config).items() if k in ("batch_size", "device")},
         }
 

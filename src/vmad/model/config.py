@@ -26,6 +26,7 @@ BackboneKind = Literal["tiny", "shared", "sam"]
 ResizeRule = Literal["pad_square", "longest_side", "stretch"]
 DecoderKind = Literal["scratch", "sam"]
 ScoreRule = Literal["max_smoothed", "max", "mean_topk"]
+ScoreSpace = Literal["probability", "logit"]
 
 
 # Upper bounds of the size fields, checked before anything is allocated (a corrupt or hand-edited config.json
@@ -283,12 +284,16 @@ class ScoreConfig:
     ``max``: plain max; ``mean_topk``: mean of the top ``topk_ratio`` fraction of pixels.
     ``prior_weight`` (OURS, models with ``mask_decoder.prior_prompt``): an image with a normality prior
     scores ``sigmoid(logit(score) + prior_weight * (max(prior) - PRIOR_NEUTRAL))``, the prior's maximum in
-    standard units (:func:`vmad.model.scoring.image_scores`); 0 = the mask alone."""
+    standard units (:func:`vmad.model.scoring.image_scores`); 0 = the mask alone.
+    ``space`` (OURS): ``probability`` (default) applies the rule to the probability map; ``logit`` applies it
+    to the mask logits and keeps the score's log-odds, so the evaluation ranks maps and images by log-odds,
+    which never saturate (with a prior skip, float32 probabilities reach exactly 1 and tie)."""
 
     rule: ScoreRule = "max_smoothed"
     sigma: float = 4.0
     topk_ratio: float = 0.01
     prior_weight: float = 0.0
+    space: ScoreSpace = "probability"
 
     def validate(self) -> None:
         check_choices(self, "model.score")

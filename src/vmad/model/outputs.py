@@ -58,11 +58,13 @@ class VMADOutput:
 
 @dataclass
 class SegmentationResult:
-    """``probs``/``logits``: ``[B, H, W]`` at the input image size; ``scores``: ``[B]`` image scores."""
+    """``probs``/``logits``: ``[B, H, W]`` at the input image size; ``scores``: ``[B]`` image scores;
+    ``score_logits``: their log-odds (float64; unsaturated with ``model.score.space`` ``logit``)."""
 
     probs: Tensor
     logits: Tensor
     scores: Tensor
+    score_logits: Tensor | None = None
 
 
 @dataclass

@@ -34,20 +34,46 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
 PRIOR_NEUTRAL = 3.0
 
 
-def image_scores(probs: Tensor, cfg: ScoreConfig, priors: Tensor | None = None) -> Tensor:
+def image_scores(probs: Tensor, cfg: ScoreConfig, priors: Tensor | None = None,
+                 logits: Tensor | None = None) -> Tensor:
     """Image-level score from ``[B, H, W]`` mask probabilities by ``cfg.rule`` (OURS, see ScoreConfig);
     with ``priors`` (``[B, 1, h, w]`` standard units, all-NaN rows = none) and ``cfg.prior_weight`` > 0, each
     prior's maximum (clipped as the prior prompt clips it) shifts the score's logit (float64, so scores near 1
-    keep their order)."""
+    keep their order). With ``cfg.space == "logit"``: the sigmoid of :func:`score_logits`."""
+    if cfg.space == "logit":
+        return torch.sigmoid(score_logits(probs, cfg, priors, logits))
     scores = _mask_scores(probs, cfg)
     if priors is None or cfg.prior_weight == 0:
         return scores
-    flat = priors.flatten(1).double()
-    present = ~torch.isnan(flat).all(1)
-    peak = torch.nan_to_num(flat, nan=float("-inf")).amax(1).clamp(*PRIOR_CLIP)
     p = scores.double().clamp(1e-12, 1 - 1e-12)
-    shifted = torch.sigmoid(torch.logit(p) + cfg.prior_weight * (peak - PRIOR_NEUTRAL))
-    return torch.where(present.to(shifted.device), shifted, scores.double())
+    shifted = torch.sigmoid(torch.logit(p) + _prior_shift(priors, cfg).to(p.device))
+    return torch.where(_has_prior(priors).to(p.device), shifted, scores.double())
+
+
+def score_logits(probs: Tensor, cfg: ScoreConfig, priors: Tensor | None = None,
+                 logits: Tensor | None = None) -> Tensor:
+    """The image scores' log-odds (float64 ``[B]``). ``cfg.space == "logit"`` (OURS): ``cfg.rule`` applied
+    to the mask ``logits`` themselves (default: the logit of ``probs``), plus the prior shift; they do not
+    saturate where the probabilities reach 1. Otherwise the logit of :func:`image_scores` (clamped)."""
+    if cfg.space != "logit":
+        return torch.logit(image_scores(probs, cfg, priors).double().clamp(1e-12, 1 - 1e-12))
+    x = logits if logits is not None else torch.logit(probs.double().clamp(1e-12, 1 - 1e-12))
+    z = _mask_scores(x.float(), cfg).double()
+    if priors is None or cfg.prior_weight == 0:
+        return z
+    return torch.where(_has_prior(priors).to(z.device), z + _prior_shift(priors, cfg).to(z.device), z)
+
+
+def _has_prior(priors: Tensor) -> Tensor:
+    return ~torch.isnan(priors.flatten(1)).all(1)  # all-NaN rows: no prior
+
+
+def _prior_shift(priors: Tensor, cfg: ScoreConfig) -> Tensor:
+    """``prior_weight * (max(prior) - PRIOR_NEUTRAL)`` per image (float64; the maximum clipped as the prior
+    prompt clips it)."""
+    flat = priors.flatten(1).double()
+    peak = torch.nan_to_num(flat, nan=float("-inf")).amax(1).clamp(*PRIOR_CLIP)
+    return cfg.prior_weight * (peak - PRIOR_NEUTRAL)
 
 
 def _mask_scores(probs: Tensor, cfg: ScoreConfig) -> Tensor:

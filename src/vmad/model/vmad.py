@@ -30,7 +30,7 @@ from vmad.model.ltc import LTC
 from vmad.model.mask_prompt import MaskPrompt, insert_mask_prompt
 from vmad.model.outputs import EncodedImages, GenerationResult, SegmentationResult, VMADOutput
 from vmad.model.prior_prompt import prior_to_frame
-from vmad.model.scoring import image_scores
+from vmad.model.scoring import image_scores, score_logits
 from vmad.model.seg_verdict import SegVerdict, gate_logits
 from vmad.model.sequence import TokenSequence, first_index, seg_positions, splice
 from vmad.model.summary import model_summary
@@ -318,8 +318,13 @@ class VMADModel(nn.Module):
         h_seg = hidden[torch.arange(n, device=self.device), self.seg_positions(seq.ids)]
         logits = self.mask_logits(encoded, h_seg, tuple(images.shape[-2:]))
         probs = logits.sigmoid()
-        scores = image_scores(probs, self.config.score, encoded.priors)
-        return SegmentationResult(probs=probs, logits=logits, scores=scores)
+        cfg = self.config.score
+        if cfg.space == "logit":
+            z = score_logits(probs, cfg, encoded.priors, logits)
+            return SegmentationResult(probs=probs, logits=logits, scores=torch.sigmoid(z), score_logits=z)
+        scores = image_scores(probs, cfg, encoded.priors)
+        return SegmentationResult(probs=probs, logits=logits, scores=scores,
+                                  score_logits=torch.logit(scores.double().clamp(1e-12, 1 - 1e-12)))
 
     def generate(
         self,
