@@ -51,6 +51,31 @@ def test_logit_rule_by_hand_keeps_probability_thresholds_below_one():
     assert cal.scale == "logit" and cal.image_threshold == cal.mask_threshold == t
 
 
+def test_exact_log_odds_replace_the_clamped_logit_of_saturated_scores():
+    z = [28.0, 30.0, 33.0, 29.0, 31.0]  # probabilities within 1e-12 of 1: the clamp makes them all equal
+    probs = [1 / (1 + math.exp(-v)) for v in z]
+    clamped, _ = threshold_from_normals(probs, scale="logit")
+    exact, info = threshold_from_normals(probs, scale="logit", log_odds=z)
+    bound = np.mean(z) + stats.t.ppf(0.95, 4) * np.std(z, ddof=1) * math.sqrt(1.2)
+    assert exact == pytest.approx(1 / (1 + math.exp(-bound)), abs=1e-16)
+    assert info["mean"] == pytest.approx(30.2)
+    assert max(probs) == clamped < exact < 1.0  # the clamped rule falls back to the highest normal score
+    with pytest.raises(VMADError, match="2 log-odds for 5"):
+        threshold_from_normals(probs, scale="logit", log_odds=z[:2])
+    cal = make_calibration(probs, {"kind": "vmad"}, scale="logit", log_odds=z)
+    assert cal.image_threshold == exact and cal.scores == probs
+
+
+def test_detector_calibrate_uses_the_exact_log_odds_of_a_logit_space_model(tiny_ckpt):
+    det = Detector.from_pretrained(tiny_ckpt, config=DetectorConfig(batch_size=2))
+    det.model.config.score.space = "logit"
+    normals = [random_rgb(24, 32, i) for i in range(3)]
+    z = [d.score_logit for d in det.detect(normals, answer=False)]
+    assert None not in z
+    cal = det.calibrate(normals, apply=False)
+    assert cal.stats["mean"] == pytest.approx(float(np.mean(z)), abs=1e-6)
+
+
 def test_verdict_rule():
     assert verdict_of(0.5, None) is None
     assert verdict_of(0.5, 0.5) == "normal" and verdict_of(0.51, 0.5) == "anomalous"

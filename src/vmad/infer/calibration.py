@@ -12,9 +12,10 @@ Gaussian::
 q * sqrt(1.2) = 2.34). An image is ``"anomalous"`` when its score is ``> t``. No calibration image is ever
 above its own threshold. A score that is a probability (VMAD's, ``scale="logit"``) is bounded, so the bound is
 taken on its log-odds: m, sd and the bound of logit(s_i), then t = sigmoid(bound) (clipped to
-[1e-12, 1 - 1e-12] first); on the raw probabilities a wide spread of the normal scores put t above 1, so that
-every image was called normal (the rule before 2026-12-03, still ``scale="linear"``, MuSc's). The mask
-threshold is set to the same value (clipped to [0, 1] for probability maps): the image
+[1e-12, 1 - 1e-12] first; a model scoring in log-odds, ``model.score.space: logit``, gives its exact
+log-odds instead, which do not round to 1); on the raw probabilities a wide spread of the normal scores put t
+above 1, so that every image was called normal (the rule before 2026-12-03, still ``scale="linear"``,
+MuSc's). The mask threshold is set to the same value (clipped to [0, 1] for probability maps): the image
 score is the maximum of the map (MuSc: exactly, so a normal verdict has an empty mask; VMAD: of the
 Gaussian-smoothed map, while the mask thresholds the raw one, so the two agree only roughly).
 
@@ -150,11 +151,13 @@ def _sigmoid(z: float) -> float:
 
 
 def threshold_from_normals(
-    scores: Sequence[float], fpr: float = DEFAULT_FPR, scale: Scale = "linear"
+    scores: Sequence[float], fpr: float = DEFAULT_FPR, scale: Scale = "linear",
+    log_odds: Sequence[float] | None = None,
 ) -> tuple[float, dict[str, float]]:
     """``(threshold, stats)`` by the module rule; ``scale="logit"`` for probabilities (the bound on their
-    log-odds; stats in log-odds too). VMADError for fewer than 2 scores, a bad ``fpr``, or a probability
-    outside [0, 1]."""
+    log-odds; stats in log-odds too). ``log_odds``: the scores' exact log-odds where the model keeps them
+    (``Detection.score_logit``, OURS), used instead of the clamped logit of probabilities that may round to 1.
+    VMADError for fewer than 2 scores, a bad ``fpr``, or a probability outside [0, 1]."""
     if scale not in ("linear", "logit"):
         raise VMADError(f"scale must be 'linear' or 'logit', got {scale!r}")
     if scale == "logit":
@@ -162,7 +165,10 @@ def threshold_from_normals(
         if bad:
             raise VMADError(f"calibration scores on the logit scale must be probabilities in [0, 1], "
                             f"got {bad[0]}")
-        threshold, info = threshold_from_normals([_logit(float(s)) for s in scores], fpr)
+        if log_odds is not None and len(log_odds) != len(scores):
+            raise VMADError(f"got {len(log_odds)} log-odds for {len(scores)} calibration scores")
+        z = [float(v) for v in log_odds] if log_odds is not None else [_logit(float(s)) for s in scores]
+        threshold, info = threshold_from_normals(z, fpr)
         top = max(float(s) for s in scores)
         return max(_sigmoid(threshold), top), {**info, "max_probability": top}
     from scipy import stats
@@ -191,11 +197,13 @@ def make_calibration(
     fpr: float = DEFAULT_FPR,
     mask_range: tuple[float, float] | None = (0.0, 1.0),
     scale: Scale = "linear",
+    log_odds: Sequence[float] | None = None,
     **extra: Any,
 ) -> Calibration:
-    """A :class:`Calibration` by the module rule on ``scale``; the mask threshold is the image threshold,
-    clipped to ``mask_range`` (None: not clipped)."""
-    threshold, info = threshold_from_normals(scores, fpr, scale)
+    """A :class:`Calibration` by the module rule on ``scale`` (``log_odds``: see
+    :func:`threshold_from_normals`); the mask threshold is the image threshold, clipped to ``mask_range``
+    (None: not clipped)."""
+    threshold, info = threshold_from_normals(scores, fpr, scale, log_odds)
     mask = threshold if mask_range is None else min(max(threshold, mask_range[0]), mask_range[1])
     return Calibration(
         image_threshold=threshold,

@@ -269,11 +269,13 @@ class Detector:
         ``answer``: score in answer mode (as ``vmad detect`` does by default) instead of segmentation only;
         ``priors``: as :meth:`detect` (default: computed over the normal images)."""
         dets = self.detect(normal_images, answer=answer, class_name=class_name, priors=priors)
+        exact = [d.score_logit for d in dets]
         cal = make_calibration(
             [d.anomaly_score for d in dets],
             self.method_info(),
             fpr,
             scale="logit",  # the image score is a probability
+            log_odds=None if None in exact else exact,  # type: ignore[arg-type]
             images=[d.source or f"<array {i}>" for i, d in enumerate(dets)],
             class_name=class_name,
             answer_mode=answer,
