@@ -129,14 +129,19 @@ def test_add_prior_command_gives_trained_weights_the_prior(tiny_ckpt, tmp_path, 
     assert (tmp_path / "file").read_text() == "x"
 
 
-def test_logit_score_space_gives_the_evaluation_log_odds(prior_detector: Detector) -> None:
+def logit_detector(prior_detector: Detector) -> Detector:
+    """A copy of the prior model scoring in log-odds, with a skip strong enough to saturate probabilities."""
     import copy
 
     model = copy.deepcopy(prior_detector.model)
     model.config.score.space = "logit"
     with torch.no_grad():
-        model.mask_decoder.prior_prompt.skip_weight.fill_(40.0 / SKIP_GAIN)  # a strong skip saturates
-    det = Detector(model, DetectorConfig(device="cpu", batch_size=2))
+        model.mask_decoder.prior_prompt.skip_weight.fill_(40.0 / SKIP_GAIN)
+    return Detector(model, DetectorConfig(device="cpu", batch_size=2))
+
+
+def test_logit_score_space_gives_the_evaluation_log_odds(prior_detector: Detector) -> None:
+    det = logit_detector(prior_detector)
     images = parts(4, stain=2)
     dets = det.detect(images)
     d = dets[2]
@@ -152,3 +157,26 @@ def test_logit_score_space_gives_the_evaluation_log_odds(prior_detector: Detecto
     # probability space (the default): probabilities, no logit map
     plain = prior_detector.detect(images)
     assert plain[2].logit_map is None and plain[2].score_logit is None
+
+
+def test_detect_cli_reports_the_log_odds(prior_detector, tmp_path, monkeypatch, capsys) -> None:
+    import json
+
+    from PIL import Image
+
+    from vmad.cli import main
+    from vmad.infer import detector as detector_module
+
+    det = logit_detector(prior_detector)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, image in enumerate(parts(3, stain=1)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    monkeypatch.setattr(detector_module.Detector, "from_pretrained", classmethod(lambda cls, *a, **k: det))
+    assert main(["detect", str(folder), "--out", str(tmp_path / "out"), "--no-answer", "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["images"]
+    z = [r["score_logit"] for r in rows]
+    assert all(isinstance(v, float) for v in z) and max(range(3), key=z.__getitem__) == 1
+    expit = [1 / (1 + np.exp(-v)) for v in z]
+    assert [r["score"] for r in rows] == pytest.approx(expit, abs=1e-6)
+    assert "(log-odds " in capsys.readouterr().out

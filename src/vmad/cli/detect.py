@@ -469,8 +469,9 @@ class _ImageOutputs:
         if not self.args.json:
             answer = f"  {detection.answer!r}" if detection.answer is not None else ""
             verdict = f"  {detection.verdict}" if detection.verdict is not None else ""
+            odds = f" (log-odds {detection.score_logit:.2f})" if detection.score_logit is not None else ""
             tqdm.write(
-                f"{self.files[index]}  score {detection.anomaly_score:.4f}{verdict}  "
+                f"{self.files[index]}  score {detection.anomaly_score:.4f}{odds}{verdict}  "
                 f"mask {100.0 * detection.mask.mean():.1f}%{answer}"
             )
 
