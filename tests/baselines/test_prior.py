@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vmad.baselines.musc import MuScConfig, MuScScorer
-from vmad.baselines.prior import PriorConfig, compute_priors, standardize
+from vmad.baselines.prior import PriorConfig, compute_priors, kinds_of, standardize
 from vmad.errors import VMADError
 
 
@@ -66,3 +66,41 @@ def test_modes_and_missing_priors() -> None:
     assert refs_only.mode == "references" and float(refs_only.maps[1].max()) > float(refs_only.maps[0].max())
     with pytest.raises(VMADError, match="no images"):
         compute_priors([], scorer=s)
+
+
+def test_kinds_are_connected_components_of_similar_images() -> None:
+    feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0], [0.8, 0.3]])
+    labels = kinds_of(feats, 0.9)
+    assert labels[0] == labels[1] == labels[5] and labels[2] == labels[3] and labels[0] != labels[2]
+    assert labels[4] == -1  # unlike every other image
+    assert (kinds_of(feats, -1.0) == 0).all()  # every pair linked: one kind
+
+
+def blue_parts(n: int, defect: int | None = None) -> list[np.ndarray]:
+    out = [np.clip(i.astype(np.int16)[..., ::-1] // 3 + np.array([0, 0, 150]), 0, 255).astype(np.uint8)
+           for i in images(n)]
+    if defect is not None:
+        out[defect][30:40, 8:20] = (255, 255, 0)
+    return out
+
+
+def test_a_mixed_folder_is_scored_kind_by_kind() -> None:
+    odd = np.zeros((48, 64, 3), np.uint8)
+    odd[..., 1] = 200  # a green image: like neither kind
+    folder = [*images(4, defect=1), *blue_parts(4, defect=2), odd]
+    cfg = PriorConfig(map_side=32, kind_similarity=0.95)
+    pr = compute_priors(folder, config=cfg, scorer=scorer())
+    assert pr.mode == "folder" and pr.kinds is not None
+    assert len(set(pr.kinds[:4])) == 1 and len(set(pr.kinds[4:8])) == 1 and pr.kinds[0] != pr.kinds[4]
+    assert pr.kinds[8] == -1 and pr.maps[8] is None and np.isnan(pr.image_scores[8])
+    assert int(np.argmax(pr.image_scores[:4])) == 1 and int(np.argmax(pr.image_scores[4:8])) == 2
+    y, x = np.unravel_index(int(np.argmax(pr.maps[6])), pr.maps[6].shape)
+    assert 13 <= y <= 21 and 2 <= x <= 11  # the yellow stain, found within its own kind
+    sub = pr.subset([8, 1])
+    assert sub.kinds.tolist() == [-1, pr.kinds[1]] and sub.maps[0] is None
+    pooled = compute_priors(folder, config=PriorConfig(map_side=32, kind_similarity=None), scorer=scorer())
+    assert pooled.kinds is None and all(m is not None for m in pooled.maps)  # the old behaviour: one set
+    lone = compute_priors([images(1)[0], odd], config=cfg, scorer=scorer())
+    assert lone.mode == "none" and lone.maps == [None, None]
+    with pytest.raises(VMADError, match="kind_similarity"):
+        PriorConfig(kind_similarity=2.0)

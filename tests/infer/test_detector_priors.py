@@ -180,3 +180,28 @@ def test_detect_cli_reports_the_log_odds(prior_detector, tmp_path, monkeypatch, 
     expit = [1 / (1 + np.exp(-v)) for v in z]
     assert [r["score"] for r in rows] == pytest.approx(expit, abs=1e-6)
     assert "(log-odds " in capsys.readouterr().out
+
+
+def test_detect_cli_gives_an_image_unlike_the_folder_no_prior(prior_detector, tmp_path, monkeypatch,
+                                                               capsys) -> None:
+    import json
+
+    from PIL import Image
+
+    from vmad.cli import main
+    from vmad.infer import detector as detector_module
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, image in enumerate(parts(4, stain=2)):
+        Image.fromarray(image).save(folder / f"part{i}.png")
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::8] = (0, 255, 0)
+    stripes[::8] = (255, 0, 255)  # another object altogether
+    Image.fromarray(stripes).save(folder / "zother.png")
+    monkeypatch.setattr(detector_module.Detector, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: prior_detector))
+    assert main(["detect", str(folder), "--out", str(tmp_path / "out"), "--no-answer", "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["images"]
+    assert [r["prior"] for r in rows] == ["folder"] * 4 + ["none"]
+    assert "1 of 5 image(s) unlike every other image" in capsys.readouterr().err

@@ -331,13 +331,21 @@ class MuScScorer:
 
     @torch.no_grad()
     def score(self, images: Sequence[np.ndarray], class_name: str) -> ScoreOutput:
-        c = self.config
-        if c.threads:
-            torch.set_num_threads(c.threads)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
         t0 = time.perf_counter()
         levels, global_feats = self.features(images)
         t1 = time.perf_counter()
-        n = len(images)
+        out = self.score_features(levels, global_feats)
+        self.timing = {"features_s": t1 - t0, "scoring_s": time.perf_counter() - t1,
+                       "n_images": float(len(images))}
+        return out
+
+    @torch.no_grad()
+    def score_features(self, levels: list[Tensor], global_feats: Tensor) -> ScoreOutput:
+        """:meth:`score` on features already computed by :attr:`features` (e.g. a subset of a folder's)."""
+        c = self.config
+        n = levels[0].shape[0]
         groups = math.ceil(n / c.group_size) if c.group_size and n > c.group_size else 1
         maps = torch.zeros(n, 1, *self.grid)
         image_scores = np.zeros(n)
@@ -348,10 +356,8 @@ class MuScScorer:
             raw = part.flatten(1).amax(dim=1).double().numpy()
             # several groups: RsCIN in raw units (no per-group min-max), so the groups' scores stay comparable
             image_scores[index.numpy()] = rscin(raw, global_feats[index].numpy(), c.rscin_k, groups == 1)
-        maps = self._upsampled(maps)
-        t2 = time.perf_counter()
-        self.timing = {"features_s": t1 - t0, "scoring_s": t2 - t1, "n_images": float(len(images))}
-        return ScoreOutput(image_scores=np.asarray(image_scores, dtype=np.float64), anomaly_maps=maps.numpy())
+        return ScoreOutput(image_scores=np.asarray(image_scores, dtype=np.float64),
+                           anomaly_maps=self._upsampled(maps).numpy())
 
     @torch.no_grad()
     def reference_levels(self, references: Sequence[np.ndarray]) -> list[Tensor]:

@@ -570,7 +570,13 @@ def _folder_priors(
     if not readable:
         return None
     priors = detector.normality_priors(list(readable.values()), refs)
-    return None if priors is None else {i: priors.subset([k]) for k, i in enumerate(readable)}
+    if priors is None:
+        return None
+    if priors.kinds is not None and (alone := int((priors.kinds < 0).sum())):
+        print(f"normality prior: {alone} of {len(readable)} image(s) unlike every other image of the folder "
+              "get none (prior 'none' in summary.json); a folder should hold one kind of object",
+              file=sys.stderr)
+    return {i: priors.subset([k]) for k, i in enumerate(readable)}
 
 
 def _detect_in_batches(
@@ -617,7 +623,10 @@ def _join_priors(parts: list[Any]) -> Any:
     from vmad.baselines.prior import Priors
 
     maps = [m for p in parts for m in p.maps]
-    return Priors(maps, parts[0].mode if parts else "none", np.concatenate([p.image_scores for p in parts]))
+    known = parts and all(p.kinds is not None for p in parts)
+    kinds = np.concatenate([p.kinds for p in parts]) if known else None
+    return Priors(maps, parts[0].mode if parts else "none", np.concatenate([p.image_scores for p in parts]),
+                  kinds)
 
 
 def _build_summary(

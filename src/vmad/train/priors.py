@@ -59,7 +59,7 @@ def training_priors(
             return {k: cached[k].astype(np.float32) for k in keys}
     groups = class_groups(samples, group_size, seed)
     maps: dict[str, np.ndarray] = {}
-    config = PriorConfig()
+    config = PriorConfig(kind_similarity=None)  # a group is one class: never split into kinds
     for g, idx in enumerate(groups):
         if verbose:
             print(f"priors: group {g + 1}/{len(groups)} ({samples[idx[0]].class_name}, {len(idx)} images)",
