@@ -92,7 +92,8 @@ def test_add_prior_command_gives_trained_weights_the_prior(tiny_ckpt, tmp_path, 
     from vmad.cli import main
 
     out = tmp_path / "with_prior"
-    args = ["model", "add-prior", "--model", str(tiny_ckpt), "--skip-weight", "2", "--out", str(out)]
+    args = ["model", "add-prior", "--model", str(tiny_ckpt), "--skip-weight", "2", "--skip-offset", "0",
+            "--out", str(out)]
     assert main(args) == 0
     base = Detector.from_pretrained(tiny_ckpt, config=DetectorConfig(device="cpu"))
     fused = Detector.from_pretrained(out, config=DetectorConfig(device="cpu"))
@@ -117,6 +118,7 @@ def test_add_prior_command_gives_trained_weights_the_prior(tiny_ckpt, tmp_path, 
     defaults = Detector.from_pretrained(tmp_path / "d", config=DetectorConfig(device="cpu")).model.config
     assert (defaults.mask_decoder.prior_skip_init, defaults.score.prior_weight, defaults.score.space) == (
         8.0, 0.0, "logit")
+    assert defaults.mask_decoder.prior_skip_offset == 6.5
     assert main(["model", "add-prior", "--model", str(tiny_ckpt), "--score-space", "probability",
                  "--out", str(tmp_path / "p")]) == 0
     prob = Detector.from_pretrained(tmp_path / "p", config=DetectorConfig(device="cpu")).model.config
@@ -205,3 +207,23 @@ def test_detect_cli_gives_an_image_unlike_the_folder_no_prior(prior_detector, tm
     rows = json.loads((tmp_path / "out" / "summary.json").read_text())["images"]
     assert [r["prior"] for r in rows] == ["folder"] * 4 + ["none"]
     assert "1 of 5 image(s) unlike every other image" in capsys.readouterr().err
+
+
+def test_skip_offset_shifts_every_logit_of_an_image_with_a_prior_alike(tiny_ckpt, tmp_path) -> None:
+    from vmad.cli import main
+
+    for name, offset in (("k0", "0"), ("k3", "3")):
+        assert main(["model", "add-prior", "--model", str(tiny_ckpt), "--skip-weight", "2", "--skip-offset",
+                     offset, "--out", str(tmp_path / name)]) == 0
+    k0, k3 = (Detector.from_pretrained(tmp_path / n, config=DetectorConfig(device="cpu"))
+              for n in ("k0", "k3"))
+    assert k3.model.config.mask_decoder.prior_skip_offset == 3.0
+    images = parts(4, stain=1)
+    a, b = k0.detect(images), k3.detect(images)
+    for x, y in zip(a, b, strict=True):
+        assert x.prior == y.prior == "folder"
+        np.testing.assert_allclose(y.logit_map, x.logit_map - 2 * 3, atol=1e-3)  # w x k everywhere
+        assert y.score_logit == pytest.approx(x.score_logit - 6, abs=1e-3)
+        assert y.mask.sum() <= x.mask.sum()
+    [lone_a], [lone_b] = k0.detect(images[1]), k3.detect(images[1])  # no prior: no shift
+    np.testing.assert_array_equal(lone_a.logit_map, lone_b.logit_map)

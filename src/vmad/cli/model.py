@@ -18,6 +18,7 @@ from vmad.errors import ConfigError, VMADError
 DEFAULT_SKIP_WEIGHT = 8.0
 DEFAULT_SCORE_WEIGHT = 0.0
 DEFAULT_SCORE_SPACE = "logit"
+DEFAULT_SKIP_OFFSET = 6.5
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,6 +103,11 @@ def _register_add_prior(actions: argparse._SubParsersAction) -> None:
     add_prior.add_argument("--score-space", choices=("probability", "logit"), default=DEFAULT_SCORE_SPACE,
                            help="model.score.space: 'logit' scores images and ranks maps by log-odds, which "
                            "the skip cannot saturate (default %(default)s)")
+    add_prior.add_argument("--skip-offset", type=float, default=DEFAULT_SKIP_OFFSET, metavar="K",
+                           help="the skip adds W x (prior - K): K standard units is the prior's neutral "
+                           "point for the binary mask (mask_decoder.prior_skip_offset; default "
+                           f"{DEFAULT_SKIP_OFFSET:g}, chosen on held-out surfaces by pixel F1; 0 = the "
+                           "earlier models, whose masks cover most of a normal image)")
     add_prior.add_argument("--out", required=True, help="output folder")
     add_prior.set_defaults(func=_add_prior)
 
@@ -227,12 +233,13 @@ def _add_prior(args: argparse.Namespace) -> int:
         raise VMADError(f"{source}: the model already takes a normality prior")
     config.mask_decoder.prior_prompt, config.mask_decoder.prior_skip = True, True
     config.mask_decoder.prior_skip_init = args.skip_weight
+    config.mask_decoder.prior_skip_offset = args.skip_offset
     config.score.prior_weight = args.score_weight
     config.score.space = args.score_space
     config.validate()
     model = build_vmad(config)
     model.load_trainable(source, keep_fresh=("mask_decoder.prior_prompt.",))
     model.save_trainable(out)
-    print(f"wrote {out}: {source} + normality prior, skip weight {args.skip_weight}, score weight "
-          f"{args.score_weight}, score space {args.score_space}")
+    print(f"wrote {out}: {source} + normality prior, skip weight {args.skip_weight}, skip offset "
+          f"{args.skip_offset}, score weight {args.score_weight}, score space {args.score_space}")
     return 0

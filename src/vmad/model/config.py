@@ -228,6 +228,11 @@ class MaskDecoderConfig:
         prior_skip_init: OURS, the skip's initial weight (logit units per standard unit of the prior);
             0 = the model starts exactly as without the prior. ``vmad model add-prior`` sets it on trained
             weights without training (late fusion).
+        prior_skip_offset: OURS, the skip adds ``w * (prior - offset)``: the prior's neutral point in
+            standard units. With 0 every patch above a typical one pushes the mask up and most of a normal
+            image is masked at probability 0.5; ``vmad model add-prior`` sets it so that the binary mask
+            needs defect-like evidence. A constant per image: no ranking within an image, and no ranking of
+            images that all have a prior, changes.
     """
 
     kind: DecoderKind = "scratch"
@@ -240,9 +245,13 @@ class MaskDecoderConfig:
     prior_prompt: bool = False
     prior_skip: bool = True
     prior_skip_init: float = 0.0
+    prior_skip_offset: float = 0.0
 
     def validate(self) -> None:
         check_choices(self, "model.mask_decoder")
+        if not math.isfinite(self.prior_skip_offset) or abs(self.prior_skip_offset) > 12:
+            raise ConfigError(f"mask_decoder.prior_skip_offset must be finite and within ±12, got "
+                              f"{self.prior_skip_offset}")
         if not math.isfinite(self.prior_skip_init) or abs(self.prior_skip_init) > 100:
             raise ConfigError(f"mask_decoder.prior_skip_init must be finite and within ±100, got "
                               f"{self.prior_skip_init}")

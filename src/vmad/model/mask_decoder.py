@@ -82,7 +82,8 @@ class PromptedMaskDecoder(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor([float(cfg.logit_bias)]))
         self.dim = cfg.dim
         self.prior_prompt = (
-            PriorPrompt(cfg.dim, cfg.prior_skip, cfg.prior_skip_init) if cfg.prior_prompt else None
+            PriorPrompt(cfg.dim, cfg.prior_skip, cfg.prior_skip_init, cfg.prior_skip_offset)
+            if cfg.prior_prompt else None
         )
 
     def dense_positional_encoding(self, h: int, w: int) -> Tensor:

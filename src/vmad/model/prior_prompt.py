@@ -6,7 +6,8 @@ without training for the image at hand (mutual scoring against the other images 
 reference normal images, :mod:`vmad.baselines.prior`) is encoded SAM's way (two stride-2 convs with LayerNorm
 and GELU, then a 1x1 conv to the prompt width) and added to the dense embedding, so the decoder refines
 evidence instead of inventing it. ``mask_decoder.prior_skip`` also adds ``w * prior`` to the output logits
-(a learned scalar ``w``, stored as ``w / SKIP_GAIN``).
+(a learned scalar ``w``, stored as ``w / SKIP_GAIN``), or ``w * (prior - offset)`` with
+``mask_decoder.prior_skip_offset`` (the prior's neutral point for the mask).
 
 Both start at zero (last conv and ``w``; ``mask_decoder.prior_skip_init`` may start ``w`` elsewhere), so a
 model given the module behaves as before until trained. The prior is in standard units (0 = a typical patch of
@@ -32,8 +33,9 @@ SKIP_GAIN = 20.0
 class PriorPrompt(nn.Module):
     """Prior map ``[B, 1, H, W]`` over the model's input frame -> dense prompt ``[B, dim, h, w]`` (+ skip)."""
 
-    def __init__(self, dim: int, skip: bool = True, skip_init: float = 0.0) -> None:
+    def __init__(self, dim: int, skip: bool = True, skip_init: float = 0.0, skip_offset: float = 0.0) -> None:
         super().__init__()
+        self.skip_offset = float(skip_offset)
         mid = max(4, dim // 16)  # SAM: mask_in_chans 16 for a 256-wide prompt
         self.encode = nn.Sequential(
             nn.Conv2d(1, mid // 4 or 1, 2, stride=2),
@@ -60,10 +62,11 @@ class PriorPrompt(nn.Module):
         return self.encode(x.to(self.encode[0].weight.dtype))
 
     def skip(self, prior: Tensor, size: tuple[int, int]) -> Tensor | None:
-        """``w * prior`` at the low-resolution logits' ``size``, or None without the skip."""
+        """``w * (prior - offset)`` at the low-resolution logits' ``size``, or None without the skip."""
         if self.skip_weight is None:
             return None
         x = F.interpolate(self.clip(prior), size=size, mode="bilinear", align_corners=False)
+        x = x - self.skip_offset
         return (SKIP_GAIN * self.skip_weight.float() * x)[:, 0]
 
 
