@@ -1,7 +1,8 @@
-"""Binary masks of a late-fusion prior model on a folder-format set: pooled pixel F1, the share of normal
-images whose mask covers under 1 %, and the defect images' IoU, for the mask at fused logit > T (T = W x K:
-the skip offset K of ``vmad model add-prior --skip-offset``). Chooses K for issue 14 (benchmarks/results/
-prior_weights_heldout.md, run 3). Each class's images are detected together (folder mode).
+"""Binary masks of a late-fusion prior model on a data set: pooled pixel F1, the share of normal images whose
+mask covers under 1 %, and the defect images' IoU, for the mask at fused logit > T (T = W x K: the skip offset
+K of ``vmad model add-prior --skip-offset``). Chooses K for issue 14 (benchmarks/results/
+prior_weights_heldout.md, run 3). Each class's images are detected together (folder mode); a set with splits
+is read from its test split.
 
     python benchmarks/prior_mask_offset.py --data DIR --model MODEL --thresholds 0 8 16 24 32 40 48 52 56 64
 """
@@ -29,8 +30,9 @@ def main() -> None:
         raise SystemExit(f"{args.model}: needs model.score.space logit (the maps' log-odds)")
     ds = load_dataset(args.data)
     maps: list[tuple[np.ndarray, np.ndarray]] = []
+    split = "test" if "test" in ds.splits() else None  # a set with splits: its test images
     for name in ds.class_names():
-        samples = ds.select(class_name=name)
+        samples = ds.select(class_name=name, split=split)
         dets = detector.detect([read_image(s.image_path) for s in samples], answer=False)
         for s, d in zip(samples, dets, strict=True):
             gt = np.zeros(d.size, bool) if s.mask_path is None else (

@@ -118,7 +118,7 @@ def test_add_prior_command_gives_trained_weights_the_prior(tiny_ckpt, tmp_path, 
     defaults = Detector.from_pretrained(tmp_path / "d", config=DetectorConfig(device="cpu")).model.config
     assert (defaults.mask_decoder.prior_skip_init, defaults.score.prior_weight, defaults.score.space) == (
         8.0, 0.0, "logit")
-    assert defaults.mask_decoder.prior_skip_offset == 6.5
+    assert defaults.mask_decoder.prior_skip_offset == 2.0
     assert main(["model", "add-prior", "--model", str(tiny_ckpt), "--score-space", "probability",
                  "--out", str(tmp_path / "p")]) == 0
     prob = Detector.from_pretrained(tmp_path / "p", config=DetectorConfig(device="cpu")).model.config
