@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vmad.baselines.musc import MuScConfig, MuScScorer
-from vmad.baselines.prior import PriorConfig, compute_priors, kinds_of, standardize
+from vmad.baselines.prior import PriorConfig, compute_priors, join_priors, kinds_of, self_scores, standardize
 from vmad.errors import VMADError
 
 
@@ -56,7 +56,7 @@ def test_folder_prior_marks_the_defect_in_its_own_frame() -> None:
 
 def test_modes_and_missing_priors() -> None:
     s = scorer()
-    assert compute_priors(images(1), scorer=s).mode == "none"
+    assert compute_priors(images(1), scorer=s).mode == "none"  # the self prior is off by default
     assert compute_priors(images(1), scorer=s).tensor() is None
     one = compute_priors(images(1, defect=0), references=images(5), config=PriorConfig(map_side=32), scorer=s)
     y, x = np.unravel_index(int(np.argmax(one.maps[0])), one.maps[0].shape)
@@ -104,3 +104,66 @@ def test_a_mixed_folder_is_scored_kind_by_kind() -> None:
     assert lone.mode == "none" and lone.maps == [None, None]
     with pytest.raises(VMADError, match="kind_similarity"):
         PriorConfig(kind_similarity=2.0)
+
+
+def tiles(defect: bool = False) -> np.ndarray:
+    """A 48 x 64 surface repeating one 8 x 8 tile of noise (a texture: every patch has many twins)."""
+    tile = np.random.default_rng(1).integers(60, 200, (8, 8, 3))
+    out = np.tile(tile, (6, 8, 1)).astype(np.uint8)
+    if defect:
+        out[6:18, 40:56] = (250, 30, 30)
+    return out
+
+
+def tile_scorer() -> MuScScorer:
+    """Features of 8 x 8 pixel tiles (one per grid cell), so a repeated tile gives repeated patches."""
+    def features(imgs):
+        x = torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32) / 255).permute(2, 0, 1)
+                         for i in imgs])
+        return [F.pixel_unshuffle(x, 8)], x.mean(dim=(2, 3))
+
+    return MuScScorer(MuScConfig(image_size=64, grid_stride=8, degrees=(1,), rscin_k=(), map_size=16),
+                      features=features)
+
+
+def test_self_prior_finds_a_stain_in_a_lone_image() -> None:
+    pr = compute_priors([tiles(defect=True)], config=PriorConfig(map_side=32, self_prior=True),
+                        scorer=tile_scorer())
+    assert pr.mode == "self" and pr.mode_of(0) == "self"
+    m = pr.maps[0]
+    assert m.shape == (24, 32)
+    y, x = np.unravel_index(int(np.argmax(m)), m.shape)
+    assert 2 <= y <= 10 and 19 <= x <= 29  # the peak is on the stain
+    assert m[3:9, 20:28].mean() > 3 * float(np.abs(m[15:, :12]).max())
+
+
+def test_self_scores_leave_out_the_neighbourhood_and_keep_the_nearest_fraction() -> None:
+    s = scorer()  # an 8 x 8 grid
+    rows = torch.randn(1, 4, 4, 8, generator=torch.Generator().manual_seed(0))
+    levels = [rows.repeat_interleave(2, dim=2)]  # rows in pairs: a patch's one twin is just below or above
+    levels[0][0, :, 0, 0] += 3.0  # but this one's
+    twin = self_scores(s, levels, exclusion=0, fraction=0.0)
+    no_twin = self_scores(s, levels, exclusion=1, fraction=0.0)  # the twin is now within the exclusion
+    assert twin.shape == (1, 16, 16)
+    assert float(np.median(twin)) < 1e-3 and float(np.median(no_twin)) > 0.1
+    assert float(twin[0, 0, 0]) > 0.5  # the changed patch has no twin
+    wide = self_scores(s, levels, exclusion=0, fraction=0.5)  # the nearest half, not just the twin
+    assert float(np.median(wide)) > 0.1
+    with pytest.raises(VMADError, match="self_exclusion"):
+        PriorConfig(self_exclusion=-1)
+    with pytest.raises(VMADError, match="self_exclusion too large"):
+        self_scores(s, levels, exclusion=4, fraction=0.1)
+
+
+def test_an_image_unlike_its_folder_gets_a_self_prior() -> None:
+    odd = tiles(defect=True)  # a tiled surface with a stain: like none of the blue parts
+    folder = [*blue_parts(4), odd]
+    cfg = PriorConfig(map_side=32, kind_similarity=0.95, self_prior=True)
+    pr = compute_priors(folder, config=cfg, scorer=scorer())
+    assert pr.mode == "folder" and pr.kinds is not None and pr.kinds[4] == -1
+    assert [pr.mode_of(i) for i in range(5)] == ["folder"] * 4 + ["self"]
+    no_self = compute_priors(folder, config=PriorConfig(kind_similarity=0.95), scorer=scorer())
+    assert no_self.maps[4] is None and no_self.mode_of(4) == "none"
+    joined = join_priors([pr.subset([4]), pr.subset([0, 1])])
+    assert joined.image_modes == ["self", "folder", "folder"] and joined.mode == "self"
+    assert joined.kinds.tolist() == [-1, pr.kinds[0], pr.kinds[1]]
