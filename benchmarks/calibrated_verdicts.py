@@ -8,7 +8,9 @@ the scoring; every other test image of the class is scored. The threshold rule i
 the highest one). Each method runs through the command line exactly as a user would, in a temporary folder:
 
 - VMAD-small: `vmad calibrate --model small --class-name CLASS`, then `vmad detect --no-answer` (the score,
-  and so the verdict, does not depend on the answer: benchmarks/results/seg_state_dependence.md);
+  and so the verdict, does not depend on the answer: benchmarks/results/seg_state_dependence.md); a model with
+  a normality prior (the packaged small since 2026-12-04) scores the test folder in folder mode, and once more
+  with `--prior off` (each image as if alone, judged by the threshold file's `without_prior` threshold);
 - MuSc, reference mode: `vmad calibrate --baseline musc`, then `vmad detect --baseline musc --threshold-file`
   (each image scored against the calibration images, the statistic the threshold was derived from);
 - MuSc, zero-shot folder mode with the same threshold (`--image-threshold T`): the images scored against each
@@ -151,6 +153,16 @@ def main() -> int:
             summary = json.loads((Path(detect[detect.index("--out") + 1]) / "summary.json").read_text())
             row, figures[name] = verdict_row(name, summary, labels, stats[name])
             rows.append(row)
+        alone = stats["VMAD-small"].get("without_prior")
+        if alone:  # a model with a normality prior: the test images each without one (as single images)
+            out = work / "out_vmad_alone"
+            run(["detect", str(test_dir), "--model", "small", *cls, "--no-answer", "--prior", "off",
+                 "--threshold-file", str(work / "vmad.json"), "--out", str(out), "--no-progress"])
+            summary = json.loads((out / "summary.json").read_text())
+            summary["image_threshold"] = summary["image_threshold_without_prior"]
+            name = "VMAD-small, --prior off (each image as if alone)"
+            row, figures[name] = verdict_row(name, summary, labels, {**stats["VMAD-small"], **alone})
+            rows.insert(1, row)
         threshold = json.loads((work / "musc.json").read_text())["image_threshold"]
         detect = ["detect", str(test_dir), "--baseline", "musc", "--image-threshold", repr(threshold),
                   "--out", str(work / "out_musc_zero"), "--no-progress"]

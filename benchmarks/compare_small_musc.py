@@ -36,11 +36,12 @@ KEYS = (("image_auroc", "Img AUROC"), ("pixel_auroc", "Pixel AUROC"), ("aupro", 
 
 
 def parse_vmad(spec: str) -> tuple[str, str, str]:
-    """``LABEL=MODEL[@PRIOR]`` -> (label, model, prior mode: ``folder`` (default) or ``off``)."""
+    """``LABEL=MODEL[@PRIOR]`` -> (label, model, prior use: ``folder`` (default), ``folder+self``, ``self``
+    or ``off``)."""
     label, _, rest = spec.partition("=")
     model, _, prior = rest.partition("@")
-    if not label or not model or prior not in ("", "folder", "off"):
-        raise SystemExit(f"--vmad {spec!r}: expected LABEL=MODEL[@folder|@off]")
+    if not label or not model or prior not in ("", "folder", "folder+self", "self", "off"):
+        raise SystemExit(f"--vmad {spec!r}: expected LABEL=MODEL[@folder|@folder+self|@self|@off]")
     return label, model, prior or "folder"
 
 
@@ -70,9 +71,11 @@ def run_rows(scorers: dict[str, object], sets: tuple[tuple[str, int | None], ...
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vmad", action="append", default=None, metavar="LABEL=MODEL[@folder|@off]",
+    parser.add_argument("--vmad", action="append", default=None, metavar="LABEL=MODEL[@PRIOR]",
                         help="a VMAD model to score (repeatable; default 'VMAD-small=small'); @off: a "
-                        "prior_prompt model run without its normality prior (single-image mode)")
+                        "prior_prompt model run without its normality prior (single-image mode); @self: "
+                        "each image alone with its self prior (OURS); @folder+self: folder, and an image "
+                        "unlike the others gets its self prior")
     parser.add_argument("--no-musc", action="store_true", help="leave MuSc out")
     parser.add_argument("--musc-group-size", type=int, default=200, metavar="N",
                         help="MuSc scores a class of more than N images in interleaved groups of at most N "
@@ -103,7 +106,8 @@ def main() -> int:
         "  of at most 200",
         "- mode: prior `folder` = the normality prior of each image by mutual scoring over its class's test",
         "  images (vmad.baselines.prior; only models trained with mask_decoder.prior_prompt use it);",
-        "  `off` = single-image mode, no prior",
+        "  `self` = each image alone with its self prior (its own patches, OURS); `off` = single-image",
+        "  mode, no prior",
         "- engine: `vmad eval` defaults (bilinear resize to each mask, Gaussian sigma 4 mask px); test",
         "  images per class (a cap = evenly spaced subsample): "
         + ", ".join(f"{n} {c or 'all'}" for n, c in sets),

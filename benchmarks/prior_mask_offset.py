@@ -2,7 +2,7 @@
 mask covers under 1 %, and the defect images' IoU, for the mask at fused logit > T (T = W x K: the skip offset
 K of ``vmad model add-prior --skip-offset``). Chooses K for issue 14 (benchmarks/results/
 prior_weights_heldout.md, run 3). Each class's images are detected together (folder mode); a set with splits
-is read from its test split.
+is read from its test split; ``--prior`` chooses how priors are made (``self``: each image alone).
 
     python benchmarks/prior_mask_offset.py --data DIR --model MODEL --thresholds 0 8 16 24 32 40 48 52 56 64
 """
@@ -16,7 +16,7 @@ from PIL import Image
 
 from vmad.data.dataset import load_dataset
 from vmad.data.io import read_image
-from vmad.infer.detector import Detector
+from vmad.infer.detector import PRIOR_USES, Detector, DetectorConfig
 
 
 def main() -> None:
@@ -24,8 +24,10 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="folder-format set (images/ and masks/ per class)")
     ap.add_argument("--model", required=True, help="a model with a normality prior and score space logit")
     ap.add_argument("--thresholds", type=float, nargs="+", required=True, help="fused-logit thresholds T")
+    ap.add_argument("--prior", choices=PRIOR_USES, default="folder",
+                    help="DetectorConfig.prior (default folder; self = each image alone with its self prior)")
     args = ap.parse_args()
-    detector = Detector.from_pretrained(args.model)
+    detector = Detector.from_pretrained(args.model, config=DetectorConfig(prior=args.prior))
     if detector.model.config.score.space != "logit":
         raise SystemExit(f"{args.model}: needs model.score.space logit (the maps' log-odds)")
     ds = load_dataset(args.data)
@@ -38,7 +40,7 @@ def main() -> None:
             gt = np.zeros(d.size, bool) if s.mask_path is None else (
                 np.asarray(Image.open(s.mask_path).convert("L")) > 127)
             maps.append((d.full_logit_map(), gt))
-    print(f"{args.model} on {args.data}: {len(maps)} images")
+    print(f"{args.model} on {args.data}, prior {args.prior}: {len(maps)} images")
     print("| T | pooled pixel F1 | normal images, mask < 1 % | defect images, mean IoU | IoU >= 0.3 |")
     print("|---:|---:|---:|---:|---:|")
     for t in args.thresholds:

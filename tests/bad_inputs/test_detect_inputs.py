@@ -197,9 +197,9 @@ def test_summary_records_the_question_asked(tiny_ckpt, tmp_path, monkeypatch, qu
     asked: list[str] = []
     real = Detector._segment
 
-    def spy(self, images, q):
+    def spy(self, images, q, *args, **kwargs):
         asked.append(q)
-        return real(self, images, q)
+        return real(self, images, q, *args, **kwargs)
 
     monkeypatch.setattr(Detector, "_segment", spy)
     save_random_image(tmp_path / "in" / "a.png", (16, 16, 3))

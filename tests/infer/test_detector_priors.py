@@ -53,6 +53,20 @@ def test_single_image_goes_without_and_references_give_one(prior_detector: Detec
     assert float(with_refs.probability_map[stain].mean()) > float(alone.probability_map[stain].mean())
 
 
+def test_self_priors_for_images_with_nothing_to_compare_with(prior_detector: Detector) -> None:
+    images = parts(4, stain=0)
+    plain = Detector(prior_detector.model, DetectorConfig(device="cpu", prior="off")).detect(images[0])[0]
+    own = Detector(prior_detector.model, DetectorConfig(device="cpu", prior="folder+self"))
+    [alone] = own.detect(images[0])
+    assert alone.prior == "self"
+    stain = (slice(8, 24), slice(36, 52))
+    assert float(alone.probability_map[stain].mean()) > float(plain.probability_map[stain].mean()) + 0.1
+    assert [d.prior for d in own.detect(images)] == ["folder"] * 4  # a folder of one kind: mutual scoring
+    each = Detector(prior_detector.model, DetectorConfig(device="cpu", prior="self")).detect(images)
+    assert [d.prior for d in each] == ["self"] * 4  # every image on its own
+    np.testing.assert_allclose(each[0].probability_map, alone.probability_map, atol=1e-5)
+
+
 def test_scorer_takes_a_whole_class_when_the_model_uses_priors(prior_detector: Detector) -> None:
     scorer = VMADScorer(detector=prior_detector, config=prior_detector.config)
     assert scorer.images_per_call is None  # mutual scoring needs every image of the class
@@ -109,10 +123,14 @@ def test_add_prior_command_gives_trained_weights_the_prior(tiny_ckpt, tmp_path, 
     plain, with_prior = base.detect(images), fused.detect(images)
     stain = (slice(8, 24), slice(36, 52))
     assert with_prior[1].probability_map[stain].mean() > plain[1].probability_map[stain].mean() + 0.05
-    again = ["model", "add-prior", "--model", str(out), "--skip-weight", "1", "--out", str(tmp_path / "y")]
-    assert main(again) != 0
-    assert "already takes a normality prior" in capsys.readouterr().err
-    assert not (tmp_path / "y").exists()
+    # a model that already takes one (as the packaged small): the prior prompt kept, the settings replaced
+    again = ["model", "add-prior", "--model", str(out), "--skip-weight", "1", "--skip-offset", "0.5",
+             "--out", str(tmp_path / "y")]
+    assert main(again) == 0
+    assert "already takes a normality prior (skip weight 2.0, skip offset 0.0" in capsys.readouterr().out
+    replaced = Detector.from_pretrained(tmp_path / "y", config=DetectorConfig(device="cpu")).model
+    assert float(replaced.mask_decoder.prior_prompt.skip_weight) * SKIP_GAIN == pytest.approx(1.0)
+    assert replaced.config.mask_decoder.prior_skip_offset == 0.5
     # defaults: the weights chosen on held-out surfaces
     assert main(["model", "add-prior", "--model", str(tiny_ckpt), "--out", str(tmp_path / "d")]) == 0
     defaults = Detector.from_pretrained(tmp_path / "d", config=DetectorConfig(device="cpu")).model.config
@@ -201,12 +219,30 @@ def test_detect_cli_gives_an_image_unlike_the_folder_no_prior(prior_detector, tm
     stripes[:, ::8] = (0, 255, 0)
     stripes[::8] = (255, 0, 255)  # another object altogether
     Image.fromarray(stripes).save(folder / "zother.png")
-    monkeypatch.setattr(detector_module.Detector, "from_pretrained",
-                        classmethod(lambda cls, *a, **k: prior_detector))
+    monkeypatch.setattr(detector_module.Detector, "from_pretrained",  # the CLI's settings, the test's model
+                        classmethod(lambda cls, *a, config, **k: Detector(prior_detector.model, config)))
     assert main(["detect", str(folder), "--out", str(tmp_path / "out"), "--no-answer", "--no-progress"]) == 0
     rows = json.loads((tmp_path / "out" / "summary.json").read_text())["images"]
     assert [r["prior"] for r in rows] == ["folder"] * 4 + ["none"]
     assert "1 of 5 image(s) unlike every other image" in capsys.readouterr().err
+    assert main(["detect", str(folder), "--out", str(tmp_path / "own"), "--no-answer", "--no-progress",
+                 "--prior", "folder+self"]) == 0
+    rows = json.loads((tmp_path / "own" / "summary.json").read_text())["images"]
+    assert [r["prior"] for r in rows] == ["folder"] * 4 + ["self"]
+    assert "get a prior from their own patches only" in capsys.readouterr().err
+
+
+def test_prior_option_is_refused_where_no_prior_is_taken(tiny_ckpt, tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from vmad.cli import main
+
+    Image.fromarray(parts(1, stain=0)[0]).save(tmp_path / "a.png")
+    for who in (["--model", str(tiny_ckpt)], ["--baseline", "musc"]):
+        assert main(["detect", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--no-answer",
+                     "--prior", "self", *who]) != 0
+        err = capsys.readouterr().err
+        assert "--prior:" in err and "takes no normality prior" in err
 
 
 def test_skip_offset_shifts_every_logit_of_an_image_with_a_prior_alike(tiny_ckpt, tmp_path) -> None:
@@ -227,3 +263,32 @@ def test_skip_offset_shifts_every_logit_of_an_image_with_a_prior_alike(tiny_ckpt
         assert y.mask.sum() <= x.mask.sum()
     [lone_a], [lone_b] = k0.detect(images[1]), k3.detect(images[1])  # no prior: no shift
     np.testing.assert_array_equal(lone_a.logit_map, lone_b.logit_map)
+
+
+def test_calibration_gives_images_without_a_prior_their_own_thresholds(prior_detector, tmp_path) -> None:
+    from vmad.errors import VMADError
+    from vmad.infer.calibration import Calibration
+
+    rng = np.random.default_rng(3)
+    normal = [np.clip(rng.normal(128, 4, (64, 64, 3)), 0, 255).astype(np.uint8) for _ in range(5)]
+    detector = Detector(prior_detector.model, DetectorConfig(device="cpu", batch_size=2))
+    cal = detector.calibrate(normal)
+    alone = cal.without_prior
+    assert alone is not None and len(alone["scores"]) == 5
+    assert alone["image_threshold"] != pytest.approx(cal.image_threshold)  # two scales
+    assert detector.config.image_threshold_without_prior == pytest.approx(alone["image_threshold"])
+    images = parts(4, stain=1)
+    in_folder = detector.detect(images)
+    [single] = detector.detect(images[1])
+    assert all(d.prior == "folder" and d.image_threshold == cal.image_threshold for d in in_folder)
+    assert single.prior == "none" and single.image_threshold == pytest.approx(alone["image_threshold"])
+    assert single.verdict == ("anomalous" if single.anomaly_score > alone["image_threshold"] else "normal")
+    again = Calibration.load(cal.save(tmp_path / "t.json"))
+    assert again.without_prior["image_threshold"] == alone["image_threshold"]
+    assert again.without_prior["scores"] == alone["scores"]
+    data = again.to_dict()
+    data["without_prior"] = {**alone, "image_threshold": "high"}
+    with pytest.raises(VMADError, match="without_prior.image_threshold must be a finite number"):
+        Calibration.from_dict(data, "t.json")
+    off = Detector(prior_detector.model, DetectorConfig(device="cpu", prior="off"))
+    assert off.calibrate(normal).without_prior is None  # a detector that gives no prior: one scale

@@ -135,6 +135,23 @@ def test_fine_tune_load_keeps_a_new_mask_prompt_fresh(tmp_path: Path) -> None:
     torch.testing.assert_close(again.mask_prompt.mlp[-1].weight, model.mask_prompt.mlp[-1].weight)
 
 
+def test_fine_tune_load_leaves_out_a_part_the_model_is_built_without(tmp_path: Path) -> None:
+    from vmad_testing import tiny_config
+
+    cfg = tiny_config()
+    cfg.mask_decoder.prior_prompt = True
+    with_prior = build_vmad(cfg)
+    with torch.no_grad():
+        with_prior.seg_head.net[0].weight.add_(0.5)
+    with_prior.save_trainable(tmp_path / "prior")
+    plain = build_vmad(tiny_config())
+    with pytest.raises(VMADError, match="unexpected"):
+        plain.load_trainable(tmp_path / "prior")
+    assert plain.load_trainable(tmp_path / "prior", leave_out=("mask_decoder.prior_prompt.",)) == []
+    torch.testing.assert_close(plain.seg_head.net[0].weight, with_prior.seg_head.net[0].weight)
+    assert not any(k.startswith("mask_decoder.prior_prompt.") for k in plain.state_dict())
+
+
 def test_training_output_folder_resolves_to_final_or_lists_checkpoints(tmp_path: Path) -> None:
     from vmad.model.weights_io import CONFIG_NAME, WEIGHTS_NAME, resolve_model_path
 

@@ -4,8 +4,10 @@ The images (every image under each ``--normal`` folder, recursively, sorted, or 
 the chosen method, ``--model small|PATH`` (segmentation only unless ``--answer``) or ``--baseline musc``
 (leave-one-out among the images, which become its references), and the threshold is derived by the rule of
 :mod:`vmad.infer.calibration` (one-sided upper prediction bound at 1 - ``--fpr``, never below the highest
-normal score). The JSON file it writes is read by ``vmad detect --threshold-file``, the chat and
-``Detector.load_threshold_file``.
+normal score). A model with a normality prior (OURS; the packaged small) scores the images twice, with
+their priors (mutual scoring among them) and without, and the file holds both thresholds: an image that gets
+no prior at detection (a single image) is judged on the decoder's own scale. The JSON file it writes is read
+by ``vmad detect --threshold-file``, the chat and ``Detector.load_threshold_file``.
 """
 
 from __future__ import annotations
@@ -118,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
             f"({units}mean {st['mean']:.4g}, sd {st['std']:.3g}); image threshold {cal.image_threshold:.4g}, "
             f"mask threshold {cal.mask_threshold:.4g}; wrote {out}"
         )
+        if cal.without_prior is not None:  # OURS: a model with a normality prior
+            alone = cal.without_prior
+            print(f"  the same images without a normality prior (used for an image that gets none, e.g. a "
+                  f"single image): image threshold {alone['image_threshold']:.4g}, mask threshold "
+                  f"{alone['mask_threshold']:.4g}")
         if not args.baseline and cal.image_threshold >= 1.0:
             print("note: the threshold is at or above 1, the highest possible score: every image will be "
                   "judged normal (the normal scores vary too much; use more or more alike images)")

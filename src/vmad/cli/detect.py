@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmad.cli.options import add_answer_verdict_opt, add_baseline_opt
+from vmad.cli.options import add_answer_verdict_opt, add_baseline_opt, add_prior_opt
 
 if TYPE_CHECKING:
     import numpy as np
@@ -128,6 +128,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
         "answer=False) or segment only (--no-answer, fastest; the only mode of --baseline)",
     )
     add_answer_verdict_opt(parser)
+    add_prior_opt(parser)
     parser.add_argument(
         "--threshold-file",
         metavar="FILE",
@@ -270,6 +271,11 @@ def run(args: argparse.Namespace) -> int:
     prepare_out_dir(out_dir)  # before the model loads: a bad --out must not cost the whole inference
 
     detector = _load_detector(weights, config, args, references)
+    takes_prior = not args.baseline and detector.model.config.mask_decoder.prior_prompt
+    if getattr(args, "prior", None) and not takes_prior:
+        who = "a baseline" if args.baseline else f"model {args.model!r}"
+        raise VMADError(f"--prior: {who} takes no normality prior (only models with "
+                        "mask_decoder.prior_prompt do)")
     if references and not args.baseline and not detector.uses_priors:
         raise VMADError(f"--reference: model {args.model!r} takes no normality prior (references are used by "
                         "--baseline and by models trained with mask_decoder.prior_prompt)")
@@ -348,6 +354,7 @@ def _checked_config(args: argparse.Namespace) -> DetectorConfig:
         device=args.device,
         max_pixels=getattr(args, "max_pixels", 4_194_304),
         answer_verdict=getattr(args, "answer_verdict", "model"),
+        prior=getattr(args, "prior", None) or "folder",
     ).validate()
     config.torch_device()  # e.g. --device cuda on a CPU-only torch: one error line, before any work
     if not 0.0 <= args.alpha <= 1.0:
@@ -381,10 +388,14 @@ def _load_detector(
     if args.threshold_file:
         detector.load_threshold_file(args.threshold_file)
     explicit: dict[str, float] = {}
-    if args.image_threshold is not None:
+    if args.image_threshold is not None:  # for every image, with a normality prior or without
         explicit["image_threshold"] = args.image_threshold
+        if not args.baseline:
+            explicit["image_threshold_without_prior"] = args.image_threshold
     if args.threshold is not None:
         explicit["mask_threshold" if args.baseline else "threshold"] = args.threshold
+        if not args.baseline:
+            explicit["threshold_without_prior"] = args.threshold
     if explicit:
         detector.config = replace(detector.config, **explicit).validate()
     return detector
@@ -573,9 +584,10 @@ def _folder_priors(
     if priors is None:
         return None
     if priors.kinds is not None and (alone := int((priors.kinds < 0).sum())):
+        how = ("a prior from their own patches only (prior 'self' in summary.json)" if priors.image_modes
+               and "self" in priors.image_modes else "none (prior 'none' in summary.json)")
         print(f"normality prior: {alone} of {len(readable)} image(s) unlike every other image of the folder "
-              "get none (prior 'none' in summary.json); a folder should hold one kind of object",
-              file=sys.stderr)
+              f"get {how}; a folder should hold one kind of object", file=sys.stderr)
     return {i: priors.subset([k]) for k, i in enumerate(readable)}
 
 
@@ -588,6 +600,7 @@ def _detect_in_batches(
 
     from tqdm import tqdm
 
+    from vmad.baselines.prior import join_priors
     from vmad.data.io import read_image_bounded
     from vmad.data.prefetch import prefetch
 
@@ -605,7 +618,7 @@ def _detect_in_batches(
                 indices.append(index)
                 images.append(loaded[0])
                 sizes.append(loaded[1])
-            extra = {} if priors is None else {"priors": _join_priors([priors[i] for i in indices])}
+            extra = {} if priors is None else {"priors": join_priors([priors[i] for i in indices])}
             detections = detector.detect(
                 images, args.question, answer=args.answer, class_name=args.class_name, original_sizes=sizes,
                 **extra,
@@ -615,18 +628,6 @@ def _detect_in_batches(
             bar.update(len(batch))
     finally:
         bar.close()
-
-
-def _join_priors(parts: list[Any]) -> Any:
-    import numpy as np
-
-    from vmad.baselines.prior import Priors
-
-    maps = [m for p in parts for m in p.maps]
-    known = parts and all(p.kinds is not None for p in parts)
-    kinds = np.concatenate([p.kinds for p in parts]) if known else None
-    return Priors(maps, parts[0].mode if parts else "none", np.concatenate([p.image_scores for p in parts]),
-                  kinds)
 
 
 def _build_summary(
@@ -653,6 +654,8 @@ def _build_summary(
         "threshold": None if baseline else detector.config.threshold,
         "mask_threshold_rule": _mask_rule(detector, args),
         "image_threshold": detector.config.image_threshold,
+        # OURS, a model with a normality prior calibrated by `vmad calibrate`: for images that get none
+        "image_threshold_without_prior": None if baseline else detector.config.image_threshold_without_prior,
         "threshold_file": str(args.threshold_file) if args.threshold_file else None,
         "threshold_source": _threshold_source(args, calibration),
         "calibration": None if calibration is None else {

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmad.cli.data import add_data_options, options_from_args
-from vmad.cli.options import add_baseline_opt
+from vmad.cli.options import add_baseline_opt, add_prior_opt
 from vmad.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ def _add_speed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", metavar="DEV", help="--model only: auto (default: CUDA when available), cpu, cuda, ..."
     )
+    add_prior_opt(parser)
 
 
 def parse_options(pairs: list[str]) -> dict[str, str]:
@@ -106,12 +107,14 @@ def build_scorer(args: argparse.Namespace) -> Scorer:
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, object]:
-    """``--batch-size`` / ``--device`` as detector options (only the given ones)."""
+    """``--batch-size`` / ``--device`` / ``--prior`` as detector options (only the given ones)."""
     options: dict[str, object] = {}
     if getattr(args, "batch_size", None) is not None:
         options["batch_size"] = args.batch_size
     if getattr(args, "device", None) is not None:
         options["device"] = args.device
+    if getattr(args, "prior", None) is not None:
+        options["prior"] = args.prior
     return options
 
 
@@ -128,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     )
     settings.validate()
     if args.baseline is not None and _model_options(args):
-        raise ConfigError("--batch-size and --device apply to --model (a baseline scores a class at once)")
+        raise ConfigError("--batch-size, --device and --prior apply to --model (a baseline scores a class at "
+                          "once)")
     options = options_from_args(args)
     datasets = [load_dataset(path, args.format, options) for path in args.data]  # fail before model loading
     scorer = build_scorer(args)

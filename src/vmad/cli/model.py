@@ -90,7 +90,8 @@ def _register_add_prior(actions: argparse._SubParsersAction) -> None:
         "(mask logits + W x the prior in standard units), the dense prior prompt at zero, the image "
         "score's prior weight A and the score space, and write the result to OUT. Without a prior (a single "
         "image, or prior off) OUT gives the input's masks; with score space 'logit' its image score is the "
-        "score rule applied to the mask logits.",
+        "score rule applied to the mask logits. A model that already takes a prior (the packaged small "
+        "does) keeps its prior prompt; its W, K, A and score space are replaced.",
     )
     add_prior.add_argument("--model", default="small", help="packaged name or model folder (default small)")
     add_prior.add_argument("--skip-weight", type=float, default=DEFAULT_SKIP_WEIGHT, metavar="W",
@@ -222,15 +223,21 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _add_prior(args: argparse.Namespace) -> int:
+    import torch
+
     from vmad.model.build import build_vmad
     from vmad.model.config import VMADConfig
+    from vmad.model.prior_prompt import SKIP_GAIN
     from vmad.model.weights_io import read_meta, resolve_model_path
 
     out = _writable_folder(args.out, "write the model")
     source = resolve_model_path(args.model)
     config = VMADConfig.from_dict(read_meta(source)["config"])
-    if config.mask_decoder.prior_prompt:
-        raise VMADError(f"{source}: the model already takes a normality prior")
+    before = config.mask_decoder
+    if before.prior_prompt:  # e.g. the packaged small: its prior prompt is kept, the settings replaced
+        print(f"{source} already takes a normality prior (skip weight {before.prior_skip_init}, skip offset "
+              f"{before.prior_skip_offset}, score weight {config.score.prior_weight}, score space "
+              f"{config.score.space}): replacing these settings")
     config.mask_decoder.prior_prompt, config.mask_decoder.prior_skip = True, True
     config.mask_decoder.prior_skip_init = args.skip_weight
     config.mask_decoder.prior_skip_offset = args.skip_offset
@@ -239,6 +246,8 @@ def _add_prior(args: argparse.Namespace) -> int:
     config.validate()
     model = build_vmad(config)
     model.load_trainable(source, keep_fresh=("mask_decoder.prior_prompt.",))
+    with torch.no_grad():  # the skip weight W, also where the source had another
+        model.mask_decoder.prior_prompt.skip_weight.fill_(args.skip_weight / SKIP_GAIN)
     model.save_trainable(out)
     print(f"wrote {out}: {source} + normality prior, skip weight {args.skip_weight}, skip offset "
           f"{args.skip_offset}, score weight {args.score_weight}, score space {args.score_space}")

@@ -20,6 +20,19 @@ def add_baseline_opt(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_prior_opt(parser: argparse.ArgumentParser) -> None:
+    """``--prior`` (:attr:`vmad.infer.detector.DetectorConfig.prior`), for models with a normality prior."""
+    parser.add_argument(
+        "--prior",
+        choices=("folder", "folder+self", "self", "off"),
+        default=None,
+        help="OURS, models that take a normality prior: folder (default) = mutual scoring over the folder "
+        "(and --reference), a single image or one unlike the rest gets none; folder+self = such an image "
+        "gets a prior from its own patches; self = every image on its own (references, else its own "
+        "patches); off = no prior",
+    )
+
+
 def add_answer_verdict_opt(parser: argparse.ArgumentParser) -> None:
     """``--answer-verdict`` (:attr:`vmad.infer.detector.DetectorConfig.answer_verdict`)."""
     parser.add_argument(

@@ -22,7 +22,9 @@ Gaussian-smoothed map, while the mask thresholds the raw one, so the two agree o
 The file (JSON, ``format: vmad-calibration``) records the threshold, the rule, the scores it came from and
 the method it is valid for (VMAD: the weights' SHA-256 and the score rule; MuSc: the settings that change
 its scores, and the reference images, which MuSc's reference mode scores against: their paths, resolved).
-Loading it into a detector of another method or other weights is a VMADError.
+Loading it into a detector of another method or other weights is a VMADError. For a model with a normality
+prior (OURS) it also holds ``without_prior``: the thresholds of the same images scored without a prior, which
+:class:`vmad.infer.detector.Detector` uses for an image that gets none.
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ class Calibration:
     answer_mode: bool = False
     created: str = ""
     scale: Scale = "linear"
+    #: OURS, a model with a normality prior: the same normal images scored without one (``image_threshold``,
+    #: ``mask_threshold``, ``scores``, ``stats``), the thresholds for an image that gets no prior (a single
+    #: image): its scores are on the decoder's own scale, not the prior-fused one.
+    without_prior: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, **asdict(self)}
@@ -109,8 +115,13 @@ class Calibration:
             cal = cls(**values)
         except TypeError as exc:
             raise VMADError(f"{where}: incomplete threshold file ({exc})") from None
-        for name in ("image_threshold", "mask_threshold"):
-            value = getattr(cal, name)
+        checked = [(name, getattr(cal, name)) for name in ("image_threshold", "mask_threshold")]
+        if cal.without_prior is not None:
+            if not isinstance(cal.without_prior, Mapping):
+                raise VMADError(f"{where}: without_prior must be a mapping, got {cal.without_prior!r}")
+            checked += [(f"without_prior.{name}", cal.without_prior.get(name))
+                        for name in ("image_threshold", "mask_threshold")]
+        for name, value in checked:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise VMADError(f"{where}: {name} must be a finite number, got {value!r}")
         if not isinstance(cal.method, Mapping) or "kind" not in cal.method:

@@ -88,7 +88,8 @@ SCORE_RULE_TEXT = {
 AnswerQuery = Literal["description", "impact", "suggestion"]  # the keys of QUERY_TYPES
 
 
-PriorUse = Literal["folder", "off"]
+PriorUse = Literal["folder", "folder+self", "self", "off"]
+PRIOR_USES: tuple[str, ...] = ("folder", "folder+self", "self", "off")
 AnswerVerdict = Literal["model", "evidence"]
 #: how a normal answer opens in the training data (:func:`vmad.data.text.normal_answers`)
 NORMAL_OPENING = "No defect was found"
@@ -113,7 +114,10 @@ class DetectorConfig:
             module rules on large images); default 4_194_304 = 2048 x 2048.
         prior: OURS, only for models trained with ``mask_decoder.prior_prompt``: ``folder`` = each image's
             normality prior by mutual scoring over the images of the same :meth:`Detector.detect` call
-            (:mod:`vmad.baselines.prior`; a single image gets none), ``off`` = never.
+            (:mod:`vmad.baselines.prior`; a single image, or one unlike every other, gets none);
+            ``folder+self`` = the same, and such an image gets a self prior from its own patches; ``self`` =
+            every image as if it came alone (its prior against the references, else its self prior);
+            ``off`` = never.
         answer_verdict: OURS, answer mode only: ``model`` = the LLM alone chooses between the segmentation
             answer (``llm.seg_answer``, "It is <seg>.") and a normal answer ("No defect was found ...");
             ``evidence`` = the segmentation-only forward runs first and its verdict (``score >
@@ -121,6 +125,9 @@ class DetectorConfig:
             says "No defect was found" after "It is <seg>."; the LLM writes the rest. Only for the default
             segmentation + answer question (:meth:`Detector.default_question`), not for other questions
             or chat follow-up turns.
+        image_threshold_without_prior, threshold_without_prior: OURS, a model with a normality prior: the
+            verdict and mask thresholds for an image that gets no prior (its score is on the decoder's own
+            scale); None = ``image_threshold`` / ``threshold``. Set by :meth:`Detector.calibrate`.
     """
 
     threshold: float = 0.5
@@ -133,12 +140,19 @@ class DetectorConfig:
     max_pixels: int = 4_194_304
     prior: PriorUse = "folder"
     answer_verdict: AnswerVerdict = "model"
+    image_threshold_without_prior: float | None = None
+    threshold_without_prior: float | None = None
 
     def validate(self) -> DetectorConfig:
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
-        if self.image_threshold is not None and not math.isfinite(self.image_threshold):
-            raise ConfigError(f"image_threshold must be a finite number or None, got {self.image_threshold}")
+        for name in ("image_threshold", "image_threshold_without_prior"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number or None, got {value}")
+        alone = self.threshold_without_prior
+        if alone is not None and not 0.0 <= alone <= 1.0:
+            raise ConfigError(f"threshold_without_prior must be in [0, 1], got {alone}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_new_tokens < 1:
@@ -268,18 +282,25 @@ class Detector:
         of :mod:`vmad.infer.calibration`; ``apply`` sets it on this detector (image and mask thresholds).
         ``answer``: score in answer mode (as ``vmad detect`` does by default) instead of segmentation only;
         ``priors``: as :meth:`detect` (default: computed over the normal images)."""
-        dets = self.detect(normal_images, answer=answer, class_name=class_name, priors=priors)
-        exact = [d.score_logit for d in dets]
-        cal = make_calibration(
-            [d.anomaly_score for d in dets],
-            self.method_info(),
-            fpr,
-            scale="logit",  # the image score is a probability
-            log_odds=None if None in exact else exact,  # type: ignore[arg-type]
-            images=[d.source or f"<array {i}>" for i, d in enumerate(dets)],
-            class_name=class_name,
-            answer_mode=answer,
-        )
+        def rule(dets: list[Detection]) -> Calibration:
+            exact = [d.score_logit for d in dets]
+            return make_calibration(
+                [d.anomaly_score for d in dets],
+                self.method_info(),
+                fpr,
+                scale="logit",  # the image score is a probability
+                log_odds=None if None in exact else exact,  # type: ignore[arg-type]
+                images=[d.source or f"<array {i}>" for i, d in enumerate(dets)],
+                class_name=class_name,
+                answer_mode=answer,
+            )
+
+        cal = rule(self.detect(normal_images, answer=answer, class_name=class_name, priors=priors))
+        if self.uses_priors:  # OURS: an image that gets no prior is scored on the decoder's own scale
+            alone = Detector(self.model, replace(self.config, prior="off"))
+            off = rule(alone.detect(normal_images, answer=answer, class_name=class_name))
+            cal.without_prior = {"image_threshold": off.image_threshold, "mask_threshold": off.mask_threshold,
+                                 "scores": off.scores, "stats": off.stats}
         if apply:
             self.apply_calibration(cal)
         return cal
@@ -289,8 +310,13 @@ class Detector:
         other weights or another score rule)."""
         calibration.check_method(self.method_info(), where)
         mask = min(max(float(calibration.mask_threshold), 0.0), 1.0)
-        self.config = replace(self.config, image_threshold=float(calibration.image_threshold),
-                              threshold=mask).validate()
+        alone = calibration.without_prior or {}
+        alone_mask = alone.get("mask_threshold")
+        self.config = replace(
+            self.config, image_threshold=float(calibration.image_threshold), threshold=mask,
+            image_threshold_without_prior=alone.get("image_threshold"),
+            threshold_without_prior=None if alone_mask is None else min(max(float(alone_mask), 0.0), 1.0),
+        ).validate()
         self.calibration = calibration
 
     def load_threshold_file(self, path: str | Path) -> Calibration:
@@ -332,7 +358,13 @@ class Detector:
             tensors = [x if isinstance(x, torch.Tensor) else _load(x, limit)[0] for x in items]
             return [(t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy() for t in tensors]
 
-        return compute_priors(arrays(images), arrays(references))
+        from vmad.baselines.prior import PriorConfig, join_priors
+
+        images, refs = arrays(images), arrays(references)
+        config = PriorConfig(self_prior=self.config.prior in ("folder+self", "self"))
+        if self.config.prior == "self" and len(images) > 1:
+            return join_priors([compute_priors([image], refs, config=config) for image in images])
+        return compute_priors(images, refs, config=config)
 
     def detect(
         self,
@@ -386,50 +418,80 @@ class Detector:
             groups: dict[tuple[int, int], list[int]] = {}
             for i in range(start, min(start + bs, len(loaded))):
                 groups.setdefault(tuple(loaded[i][0].shape[-2:]), []).append(i)
-            for idx in groups.values():
-                batch = torch.stack([loaded[i][0] for i in idx])
-                sizes = [loaded[i][2] for i in idx]
-                # sizes only for reduced images: full-size ones take exactly the former path
-                extra: dict[str, Any] = (
-                    {} if all(s == tuple(batch.shape[-2:]) for s in sizes) else {"sizes": sizes}
-                )
-                if priors is not None and priors.mode != "none":
-                    extra["priors"] = priors.tensor(idx)
-                results = (
-                    self._answer(batch, q, fallback_q, tokens, evidence=evidence, **extra)
-                    if answer else self._segment(batch, q, **extra)
-                )
-                for i, det in zip(idx, results, strict=True):
-                    det.source = loaded[i][1]
-                    if priors is not None:
-                        det.prior = priors.mode if priors.maps[i] is not None else "none"
-                    out[i] = det
+            for same_size in groups.values():
+                for idx, thresholds in self._threshold_groups(same_size, priors):
+                    batch = torch.stack([loaded[i][0] for i in idx])
+                    sizes = [loaded[i][2] for i in idx]
+                    # sizes only for reduced images: full-size ones take exactly the former path
+                    extra: dict[str, Any] = (
+                        {} if all(s == tuple(batch.shape[-2:]) for s in sizes) else {"sizes": sizes}
+                    )
+                    if priors is not None and priors.mode != "none":
+                        extra["priors"] = priors.tensor(idx)
+                    results = (
+                        self._answer(batch, q, fallback_q, tokens, thresholds, evidence=evidence, **extra)
+                        if answer else self._segment(batch, q, thresholds, **extra)
+                    )
+                    self._place(out, idx, results, loaded, priors)
         return out  # type: ignore[return-value]
 
-    def _detection(
-        self, probs: torch.Tensor, score: float, question: str, size: tuple[int, int] | None = None, **kw: Any
-    ) -> Detection:
-        p = probs.detach().float().cpu().numpy().astype(np.float32, copy=False)
+    def _threshold_groups(
+        self, idx: list[int], priors: Priors | None
+    ) -> list[tuple[list[int], tuple[float, float | None]]]:
+        """``idx`` split into the images with a prior and those without, each with its (mask, image)
+        thresholds: without a prior the ``*_without_prior`` ones where set (OURS; a calibration of a prior
+        model sets them), else the same."""
         cfg = self.config
-        return make_detection(p, score, question, size, cfg.threshold, cfg.image_threshold, **kw)
+        main = (cfg.threshold, cfg.image_threshold)
+        if cfg.threshold_without_prior is None and cfg.image_threshold_without_prior is None:
+            return [(idx, main)]
+        alone = (cfg.threshold if cfg.threshold_without_prior is None else cfg.threshold_without_prior,
+                 cfg.image_threshold if cfg.image_threshold_without_prior is None
+                 else cfg.image_threshold_without_prior)
+        has = [priors is not None and priors.maps[i] is not None for i in idx]
+        parts = [([i for i, h in zip(idx, has, strict=True) if h], main),
+                 ([i for i, h in zip(idx, has, strict=True) if not h], alone)]
+        return [(part, t) for part, t in parts if part]
+
+    @staticmethod
+    def _place(
+        out: list[Detection | None], idx: list[int], results: list[Detection],
+        loaded: list[tuple[torch.Tensor, str | None, tuple[int, int]]], priors: Priors | None,
+    ) -> None:
+        """Put a group's detections at their images' places, with their source and prior mode."""
+        for i, det in zip(idx, results, strict=True):
+            det.source = loaded[i][1]
+            if priors is not None:
+                det.prior = priors.mode_of(i)
+            out[i] = det
+
+    def _detection(
+        self, probs: torch.Tensor, score: float, question: str, size: tuple[int, int] | None = None,
+        thresholds: tuple[float, float | None] | None = None, **kw: Any
+    ) -> Detection:
+        """``thresholds``: (mask, image) thresholds; None = the config's."""
+        p = probs.detach().float().cpu().numpy().astype(np.float32, copy=False)
+        mask_t, image_t = thresholds or (self.config.threshold, self.config.image_threshold)
+        return make_detection(p, score, question, size, mask_t, image_t, **kw)
 
     def _segment(
-        self, images: torch.Tensor, question: str, sizes: Sequence[tuple[int, int] | None] | None = None,
-        priors: torch.Tensor | None = None,
+        self, images: torch.Tensor, question: str, thresholds: tuple[float, float | None] | None = None,
+        sizes: Sequence[tuple[int, int] | None] | None = None, priors: torch.Tensor | None = None,
     ) -> list[Detection]:
         sizes = sizes or [None] * len(images)
         extra = {} if priors is None else {"priors": priors}
         res = self.model.segment(images, question, **extra)
         if self.model.config.score.space != "logit":
-            return [self._detection(res.probs[i], float(res.scores[i]), question, sizes[i])
+            return [self._detection(res.probs[i], float(res.scores[i]), question, sizes[i], thresholds)
                     for i in range(len(images))]
         logits = res.logits.detach().float().cpu().numpy()
-        return [self._detection(res.probs[i], float(res.scores[i]), question, sizes[i], logit_map=logits[i],
-                                score_logit=float(res.score_logits[i]))  # type: ignore[index]
+        return [self._detection(res.probs[i], float(res.scores[i]), question, sizes[i], thresholds,
+                                logit_map=logits[i], score_logit=float(res.score_logits[i]))  # type: ignore[index]
                 for i in range(len(images))]
 
     def _answer(
         self, images: torch.Tensor, question: str, fallback: str, tokens: int,
+        thresholds: tuple[float, float | None] | None = None,
         sizes: Sequence[tuple[int, int] | None] | None = None, priors: torch.Tensor | None = None,
         evidence: bool = False,
     ) -> list[Detection]:
@@ -442,7 +504,7 @@ class Detector:
             encoded = self.model.encode_images(images, priors)
             first = self.model.segment(images, fallback, encoded=encoded)
             seg = {i: (first.probs[i], float(first.scores[i])) for i in range(len(images))}
-            extra = {**self._evidence_openings(first), "encoded": encoded}
+            extra = {**self._evidence_openings(first, thresholds), "encoded": encoded}
         gen = self.model.generate(images, question, max_new_tokens=tokens, **extra)
         missing = [i for i, p in enumerate(gen.probs) if p is None and i not in seg]
         if missing:  # the fallback reuses the encoded images: no frozen encoder runs twice
@@ -456,10 +518,10 @@ class Detector:
         for i in range(len(images)):
             if gen.probs[i] is not None:
                 det = self._detection(
-                    gen.probs[i], float(gen.scores[i]), question, sizes[i], mask_from="answer"
+                    gen.probs[i], float(gen.scores[i]), question, sizes[i], thresholds, mask_from="answer"
                 )
             else:
-                det = self._detection(*seg[i], question, sizes[i])
+                det = self._detection(*seg[i], question, sizes[i], thresholds)
             det.answer = gen.texts[i]
             out.append(det)
         return out
@@ -470,16 +532,18 @@ class Detector:
         return (self.config.answer_verdict == "evidence"
                 and question == self.default_question(class_name, answer=True))
 
-    def _evidence_openings(self, seg: SegmentationResult) -> dict[str, list[str | None]]:
+    def _evidence_openings(
+        self, seg: SegmentationResult, thresholds: tuple[float, float | None] | None = None
+    ) -> dict[str, list[str | None]]:
         """``answer_verdict="evidence"``: per image, the segmentation-only verdict (``score >
         image_threshold`` when set, else a non-empty binary mask) as generation constraints: a normal image's
         answer opens with the segmentation answer then "No defect was found", an anomalous image's opens with
         the segmentation answer and its free part must not open with "No"."""
-        cfg = self.config
-        if cfg.image_threshold is not None:
-            anomalous = (seg.scores > cfg.image_threshold).tolist()
+        mask_t, image_t = thresholds or (self.config.threshold, self.config.image_threshold)
+        if image_t is not None:
+            anomalous = (seg.scores > image_t).tolist()
         else:
-            anomalous = (seg.probs.flatten(1) > cfg.threshold).any(1).tolist()
+            anomalous = (seg.probs.flatten(1) > mask_t).any(1).tolist()
         opening = self.model.config.llm.seg_answer
         return {
             "prefixes": [opening if a else f"{opening} {NORMAL_OPENING}" for a in anomalous],
@@ -509,8 +573,9 @@ class Detector:
         folded = self.fold_history(history, question)
         tokens = max_new_tokens or self.config.max_new_tokens
         evidence = not history and self._evidence_verdict(question, class_name)
-        [det] = self._answer(tensor[None], folded, self.default_question(class_name), tokens, [size],
-                             evidence=evidence)
+        [(_, alone)] = self._threshold_groups([0], None)  # one image, no prior
+        [det] = self._answer(tensor[None], folded, self.default_question(class_name), tokens, alone,
+                             sizes=[size], evidence=evidence)
         det.source, det.question = source, question
         reply = det.answer or ""
         return ChatTurn(question, reply, det, [*history, (question, reply)])

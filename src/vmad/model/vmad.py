@@ -356,9 +356,11 @@ class VMADModel(nn.Module):
         """Write the trained parts and the config to folder ``path`` (:mod:`vmad.model.weights_io`)."""
         return weights_io.save_trainable(self, path)
 
-    def load_trainable(self, path: str | Path, keep_fresh: Sequence[str] = ()) -> list[str]:
+    def load_trainable(
+        self, path: str | Path, keep_fresh: Sequence[str] = (), leave_out: Sequence[str] = ()
+    ) -> list[str]:
         """Load :meth:`save_trainable`'s weights (:func:`vmad.model.weights_io.load_trainable`)."""
-        return weights_io.load_trainable(self, path, keep_fresh)
+        return weights_io.load_trainable(self, path, keep_fresh, leave_out)
 
     def summary(self) -> dict[str, Any]:
         """Parameter counts per component and the visual-token count."""

@@ -176,10 +176,14 @@ def read_trainable(folder: str | Path, device: str = "cpu") -> tuple[dict[str, T
     return model_state, aux
 
 
-def load_trainable(model: nn.Module, path: str | Path, keep_fresh: Sequence[str] = ()) -> list[str]:
+def load_trainable(
+    model: nn.Module, path: str | Path, keep_fresh: Sequence[str] = (), leave_out: Sequence[str] = ()
+) -> list[str]:
     """Load :func:`save_trainable`'s weights onto a freshly built ``model``; every trained key must match,
     except keys under a ``keep_fresh`` prefix (e.g. ``"mask_prompt."`` when fine-tuning a model without
-    one), which may be absent and keep their initial values. Returns those absent keys."""
+    one), which may be absent and keep their initial values, and checkpoint keys under a ``leave_out`` prefix
+    (an optional part the model is built without, e.g. the packaged model's prior prompt), which are not
+    loaded. Returns the absent keys."""
     folder = Path(path)
     meta = read_meta(folder)
     if meta.get("new_token_ids") != model.new_token_rows.token_ids:
@@ -190,6 +194,9 @@ def load_trainable(model: nn.Module, path: str | Path, keep_fresh: Sequence[str]
     state, _ = read_trainable(folder, device=str(model.device))
     own = trainable_state_dict(model)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    for key in [k for k in unexpected if leave_out and k.startswith(tuple(leave_out))]:
+        unexpected.remove(key)
+        del state[key]
     fresh = [k for k in missing if keep_fresh and k.startswith(tuple(keep_fresh))]
     missing = [k for k in missing if k not in fresh]
     if missing or unexpected:
