@@ -29,8 +29,10 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
+# The examples are six unrelated photographs (one pair of the same brick wall): --prior folder+self gives each
+# image that has no like image in the folder a normality prior from its own patches (docs/training.md).
 demo: $(VENV)/.installed
-	$(VENV)/bin/vmad detect examples/images --out $(DEMO_OUT) --no-progress
+	$(VENV)/bin/vmad detect examples/images --out $(DEMO_OUT) --prior folder+self --no-progress
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks

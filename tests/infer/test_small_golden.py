@@ -43,3 +43,19 @@ def test_shipped_small_reproduces_recorded_outputs(mode: str, smol_cache: Path) 
         # pixels at the 0.5 threshold may flip under float reordering: at most 0.05 % of the image
         assert abs(int(result.mask.sum()) - want["mask_pixels"]) <= max(2, probs.size // 2000), path.name
         assert result.answer == want["answer"], path.name
+
+
+def test_shipped_small_keeps_the_defect_free_examples_clean_with_self_priors(smol_cache: Path) -> None:
+    """`make demo`'s setting (OURS, --prior folder+self): the brick pair scored against each other, the other
+    photographs against their own patches; the two defect-free examples get masks under 1 % of the image."""
+    from vmad.infer import Detector, DetectorConfig
+
+    images = sorted((REPO / "examples" / "images").iterdir())
+    detector = Detector.from_pretrained("small", config=DetectorConfig(prior="folder+self"))
+    results = {p.name: r for p, r in zip(images, detector.detect([str(p) for p in images]), strict=True)}
+    assert {n: r.prior for n, r in results.items()} == {
+        "brick_crack.png": "folder", "brick_good.png": "folder", "coffee_good.jpg": "self",
+        "coins_scratch.png": "self", "grass_spot.png": "self", "gravel_contamination.png": "self"}
+    for name in ("brick_good.png", "coffee_good.jpg"):
+        assert results[name].mask.mean() < 0.01, name
+    assert results["coins_scratch.png"].mask.mean() > 0.05  # a defect is still marked

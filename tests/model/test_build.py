@@ -111,11 +111,15 @@ def test_lora_build_does_not_print_the_peft_deprecation_warning() -> None:
 
 
 def test_stage2_config_describes_the_packaged_small_weights() -> None:
-    """configs/vmad_small_stage2.yaml is the recipe of the shipped weights: same model (the saved config
-    holds the legacy ``loss.extra: {}``, which ``VMADConfig.from_dict`` drops), so fine-tuning from ``small``
-    with it loads every tensor."""
+    """configs/vmad_small_stage2.yaml is the recipe of the shipped weights: the same model plus the
+    normality prior that ``vmad model add-prior`` gives it (fine-tuning from ``small`` with the recipe loads
+    every other tensor and leaves the prior prompt out)."""
     recipe = yaml.safe_load((REPO / "configs" / "vmad_small_stage2.yaml").read_text())
     shipped = json.loads((REPO / "src" / "vmad" / "weights" / "small" / "config.json").read_text())["config"]
-    resolved = VMADConfig.from_dict(resolve_model_section(recipe["model"]))
-    assert resolved.to_dict() == VMADConfig.from_dict(shipped).to_dict()
+    resolved = VMADConfig.from_dict(resolve_model_section(recipe["model"])).to_dict()
+    # trained by the recipe, then given the normality prior by `vmad model add-prior` (its defaults)
+    resolved["mask_decoder"].update(prior_prompt=True, prior_skip=True, prior_skip_init=8.0,
+                                    prior_skip_offset=2.0)
+    resolved["score"].update(prior_weight=0.0, space="logit")
+    assert resolved == VMADConfig.from_dict(shipped).to_dict()
     assert shipped["llm"]["mask_prompt_tokens"] > 0
