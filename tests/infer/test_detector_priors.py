@@ -224,7 +224,9 @@ def test_detect_cli_gives_an_image_unlike_the_folder_no_prior(prior_detector, tm
     assert main(["detect", str(folder), "--out", str(tmp_path / "out"), "--no-answer", "--no-progress"]) == 0
     rows = json.loads((tmp_path / "out" / "summary.json").read_text())["images"]
     assert [r["prior"] for r in rows] == ["folder"] * 4 + ["none"]
-    assert "1 of 5 image(s) unlike every other image" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 of 5 image(s) unlike every other image" in err
+    assert "normality prior: scoring 5 image(s) against each other first" in err
     assert main(["detect", str(folder), "--out", str(tmp_path / "own"), "--no-answer", "--no-progress",
                  "--prior", "folder+self"]) == 0
     rows = json.loads((tmp_path / "own" / "summary.json").read_text())["images"]

@@ -580,6 +580,10 @@ def _folder_priors(
     refs = [read_image_bounded(p, max_pixels=limit)[0] for p in references or []]
     if not readable:
         return None
+    if len(readable) + len(refs) > 1 and detector.config.prior != "self":
+        print(f"normality prior: scoring {len(readable)} image(s)"
+              f"{f' and {len(refs)} reference(s)' if refs else ''} against each other first (MuSc; "
+              "--prior off skips it)", file=sys.stderr)
     priors = detector.normality_priors(list(readable.values()), refs)
     if priors is None:
         return None
