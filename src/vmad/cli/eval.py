@@ -136,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     datasets = [load_dataset(path, args.format, options) for path in args.data]  # fail before model loading
     scorer = build_scorer(args)
+    if getattr(args, "prior", None) and not getattr(scorer, "takes_prior", False):
+        raise ConfigError(f"--prior: model {args.model!r} takes no normality prior (only models with "
+                          "mask_decoder.prior_prompt do)")
     out_dir = Path(args.out) if args.out else Path("eval_results") / scorer.name
     result = evaluate(
         scorer, datasets, out_dir=out_dir, settings=settings, progress=False if args.no_progress else None

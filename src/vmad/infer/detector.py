@@ -604,15 +604,19 @@ class VMADScorer:
         next batch meanwhile); a model that uses normality priors (OURS) needs the whole class at once."""
         return None if self._uses_priors() else self.config.batch_size
 
-    def _uses_priors(self) -> bool:
-        if self.config.prior == "off":
-            return False
+    @property
+    def takes_prior(self) -> bool:
+        """The model has the normality-prior input (``mask_decoder.prior_prompt``), whatever
+        ``config.prior`` says."""
         if self.detector is not None:
-            return self.detector.uses_priors
+            return bool(self.detector.model.config.mask_decoder.prior_prompt)
         if self.path is None:
             return False
         meta = json.loads((self.path / CONFIG_NAME).read_text(encoding="utf-8"))
         return bool(meta.get("config", {}).get("mask_decoder", {}).get("prior_prompt", False))
+
+    def _uses_priors(self) -> bool:
+        return self.config.prior != "off" and self.takes_prior
 
     def prepare(self) -> None:
         if self.detector is None:
