@@ -294,3 +294,15 @@ def test_calibration_gives_images_without_a_prior_their_own_thresholds(prior_det
         Calibration.from_dict(data, "t.json")
     off = Detector(prior_detector.model, DetectorConfig(device="cpu", prior="off"))
     assert off.calibrate(normal).without_prior is None  # a detector that gives no prior: one scale
+
+
+def test_prior_option_offers_the_detector_settings() -> None:
+    import argparse
+
+    from vmad.cli.options import add_prior_opt
+    from vmad.infer.detector import PRIOR_USES
+
+    parser = argparse.ArgumentParser()
+    add_prior_opt(parser)
+    [action] = [a for a in parser._actions if a.dest == "prior"]
+    assert tuple(action.choices) == PRIOR_USES  # one list: DetectorConfig.prior's Literal

@@ -51,7 +51,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ AnswerQuery = Literal["description", "impact", "suggestion"]  # the keys of QUER
 
 
 PriorUse = Literal["folder", "folder+self", "self", "off"]
-PRIOR_USES: tuple[str, ...] = ("folder", "folder+self", "self", "off")
+PRIOR_USES: tuple[str, ...] = get_args(PriorUse)
 AnswerVerdict = Literal["model", "evidence"]
 #: how a normal answer opens in the training data (:func:`vmad.data.text.normal_answers`)
 NORMAL_OPENING = "No defect was found"
@@ -351,19 +351,19 @@ class Detector:
         (:func:`vmad.baselines.prior.compute_priors`), or None when :attr:`uses_priors` is False."""
         if not self.uses_priors:
             return None
-        from vmad.baselines.prior import compute_priors
+        from vmad.baselines.musc import MuScScorer
+        from vmad.baselines.prior import PriorConfig, compute_priors, join_priors
 
         def arrays(items: Sequence[ImageInput]) -> list[np.ndarray]:
             limit = self.config.max_pixels
             tensors = [x if isinstance(x, torch.Tensor) else _load(x, limit)[0] for x in items]
             return [(t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy() for t in tensors]
 
-        from vmad.baselines.prior import PriorConfig, join_priors
-
         images, refs = arrays(images), arrays(references)
         config = PriorConfig(self_prior=self.config.prior in ("folder+self", "self"))
-        if self.config.prior == "self" and len(images) > 1:
-            return join_priors([compute_priors([image], refs, config=config) for image in images])
+        if self.config.prior == "self" and len(images) > 1:  # one backbone for every image's own prior
+            scorer = MuScScorer(config.musc)
+            return join_priors([compute_priors([im], refs, config=config, scorer=scorer) for im in images])
         return compute_priors(images, refs, config=config)
 
     def detect(
