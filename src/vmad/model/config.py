@@ -25,6 +25,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 BackboneKind = Literal["tiny", "shared", "sam"]
 ResizeRule = Literal["pad_square", "longest_side", "stretch"]
 DecoderKind = Literal["scratch", "sam"]
+MaskQuery = Literal["mask_token", "seg_state"]
 ScoreRule = Literal["max_smoothed", "max", "mean_topk"]
 ScoreSpace = Literal["probability", "logit"]
 
@@ -233,6 +234,10 @@ class MaskDecoderConfig:
             image is masked at probability 0.5; ``vmad model add-prior`` sets it so that the binary mask
             needs defect-like evidence. A constant per image: no ranking within an image, and no ranking of
             images that all have a prior, changes.
+        mask_query: which decoder token reads the mask out of the upscaled embedding (SAM: the hypernetwork
+            applied to its learned mask token, ``mask_token``, the paper's and every preset's default). OURS,
+            ``seg_state``: the hypernetwork is applied to the output of the H_seg prompt token itself, so the
+            mask is a direct function of the LLM's ``<seg>`` state (:mod:`vmad.model.mask_decoder`).
     """
 
     kind: DecoderKind = "scratch"
@@ -246,6 +251,7 @@ class MaskDecoderConfig:
     prior_skip: bool = True
     prior_skip_init: float = 0.0
     prior_skip_offset: float = 0.0
+    mask_query: MaskQuery = "mask_token"
 
     def validate(self) -> None:
         check_choices(self, "model.mask_decoder")

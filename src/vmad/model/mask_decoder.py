@@ -81,6 +81,7 @@ class PromptedMaskDecoder(nn.Module):
         # shape [1], not a 0-dim scalar: DeepSpeed's parameter broadcast cannot view 0-dim bf16 tensors
         self.logit_bias = nn.Parameter(torch.tensor([float(cfg.logit_bias)]))
         self.dim = cfg.dim
+        self.mask_query = cfg.mask_query
         self.prior_prompt = (
             PriorPrompt(cfg.dim, cfg.prior_skip, cfg.prior_skip_init, cfg.prior_skip_offset)
             if cfg.prior_prompt else None
@@ -108,15 +109,38 @@ class PromptedMaskDecoder(nn.Module):
             dense = dense + keep * self.prior_prompt.dense(prior, (h, w)).to(dtype)
             skip = self.prior_prompt.skip(prior, (4 * h, 4 * w))  # [B, 4h, 4w], the logits' grid
             skip = None if skip is None else skip * keep[:, 0]
-        masks, _ = self.decoder(
-            image_embeddings=image_embeddings,
-            image_positional_embeddings=pe,
-            sparse_prompt_embeddings=prompts.to(dtype)[:, None],
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
-        logits = masks[:, 0] + self.logit_bias.to(masks.dtype)  # [B, 1, 4h, 4w]
+        if self.mask_query == "seg_state":
+            masks = self._read_out_by_prompt(image_embeddings + dense, pe, prompts.to(dtype))
+        else:
+            masks, _ = self.decoder(
+                image_embeddings=image_embeddings,
+                image_positional_embeddings=pe,
+                sparse_prompt_embeddings=prompts.to(dtype)[:, None],
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            masks = masks[:, 0]
+        logits = masks + self.logit_bias.to(masks.dtype)  # [B, 1, 4h, 4w]
         return logits if skip is None else logits + skip[:, None].to(logits.dtype)
+
+    def _read_out_by_prompt(self, image_embeddings: Tensor, pe: Tensor, prompts: Tensor) -> Tensor:
+        """OURS (``mask_query: seg_state``): SAM's decoder pass with the H_seg prompt token's output, not the
+        learned mask token's, fed to the (first) hypernetwork MLP: ``[B, 1, 4h, 4w]`` mask logits.
+        ``prompts [B, K, dim]``; the IoU and mask tokens still take part in the two-way attention."""
+        dec = self.decoder
+        b, c, h, w = image_embeddings.shape
+        learned = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([learned[None].expand(b, -1, -1), prompts], dim=1)[:, None]  # [B, 1, T, dim]
+        tokens_out, embeddings = dec.transformer(
+            point_embeddings=tokens, image_embeddings=image_embeddings, image_positional_embeddings=pe,
+            attention_similarity=None,
+        )
+        query = tokens_out[:, 0, learned.shape[0]]  # the first prompt token: H_seg
+        embeddings = embeddings.transpose(2, 3).reshape(b, c, h, w)
+        up = dec.activation(dec.upscale_layer_norm(dec.upscale_conv1(embeddings)))
+        up = dec.activation(dec.upscale_conv2(up))  # [B, c/8, 4h, 4w]
+        hyper = dec.output_hypernetworks_mlps[0](query)  # [B, c/8]
+        return torch.einsum("bc,bchw->bhw", hyper, up)[:, None]
 
 
 def dice_loss(logits: Tensor, target: Tensor, scale: float = 1000.0, eps: float = 1e-6) -> Tensor:
