@@ -115,3 +115,26 @@ def test_from_baseline_on_the_real_backbone():
     assert {d.verdict for d in out} == {"normal"} and det.method_info()["settings"]["image_size"] == 64
     with pytest.raises(VMADError, match="unknown baseline"):
         Detector.from_baseline("nope")
+
+
+def test_detect_cli_scores_a_large_folder_in_groups_with_musc(tmp_path, monkeypatch):
+    import json
+
+    from vmad.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, image in enumerate(_scene(7, {5})):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    det = _detector()
+    sizes = []
+    real = det.detect
+    monkeypatch.setattr(det, "detect",
+                        lambda images, *a, **k: sizes.append(len(images)) or real(images, *a, **k))
+    monkeypatch.setattr(Detector, "from_baseline", staticmethod(lambda *a, **k: det))
+    assert main(["detect", str(folder), "--baseline", "musc", "--out", str(tmp_path / "out"),
+                 "--group-size", "4", "--no-progress"]) == 0
+    assert sizes == [4, 3]  # interleaved groups 0,2,4,6 and 1,3,5, each scored mutually
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["images"]
+    assert len(rows) == 7 and all(r["error"] is None for r in rows)
+    assert max(rows, key=lambda r: r["score"])["file"].endswith("5.png")

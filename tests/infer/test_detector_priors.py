@@ -102,6 +102,47 @@ def test_detect_cli_scores_priors_over_the_whole_folder(prior_detector, tmp_path
     assert max(rows, key=lambda r: r["score"])["file"].endswith("3.png")
 
 
+def test_detect_cli_scores_a_large_folder_in_interleaved_groups(prior_detector, tmp_path, monkeypatch,
+                                                              capsys) -> None:
+    import json
+
+    from PIL import Image
+
+    from vmad.cli import main
+    from vmad.cli.detect import folder_groups
+    from vmad.infer import detector as detector_module
+
+    assert folder_groups(7, 3) == [[0, 3, 6], [1, 4], [2, 5]]
+    assert folder_groups(7, 0) == folder_groups(7, 7) == [list(range(7))]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, image in enumerate(parts(7, stain=4)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    monkeypatch.setattr(detector_module.Detector, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: prior_detector))
+    seen, done = [], []
+    real_priors, real_detect = prior_detector.normality_priors, prior_detector.detect
+    monkeypatch.setattr(prior_detector, "normality_priors", lambda images, refs=(): seen.append(len(images))
+                        or real_priors(images, refs))
+    def detect(images, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        done.append((len(seen), len(images)))
+        return real_detect(images, *args, **kwargs)
+
+    monkeypatch.setattr(prior_detector, "detect", detect)
+    out = tmp_path / "out"
+    assert main(["detect", str(folder), "--out", str(out), "--no-answer", "--group-size", "3",
+                 "--no-progress"]) == 0
+    assert seen == [3, 2, 2]  # one mutual scoring per group
+    assert [g for g, _ in done] == [1, 2, 3]  # each group detected before the next group is scored
+    assert "3 interleaved groups of at most 3" in capsys.readouterr().err
+    rows = json.loads((out / "summary.json").read_text())["images"]
+    assert [r["file"].rsplit("/", 1)[-1] for r in rows] == [f"{i}.png" for i in range(7)]
+    assert [r["prior"] for r in rows] == ["folder"] * 7
+    assert max(rows, key=lambda r: r["score"])["file"].endswith("4.png")
+    assert main(["detect", str(folder), "--out", str(out), "--group-size", "1"]) == 2  # a usage error
+    assert "--group-size must be 0 (the whole folder) or at least 2" in capsys.readouterr().err
+
+
 def test_add_prior_command_gives_trained_weights_the_prior(tiny_ckpt, tmp_path, capsys) -> None:
     from vmad.cli import main
 

@@ -17,7 +17,9 @@ patch-feature distances). MuSc scores the images of a folder against each other,
 least 2 images, or ``--reference DIR`` (normal images of the object, at least 2) or a MuSc threshold file,
 whose images are then the references (:mod:`vmad.infer.baseline`). A VMAD model trained with the OURS
 normality prior (``mask_decoder.prior_prompt``) gets each image's prior by mutual scoring over the whole
-folder and the ``--reference`` images; summary.json says which per image (``prior``).
+folder and the ``--reference`` images; summary.json says which per image (``prior``). A folder of more than
+``--group-size`` images (default 200) is scored in interleaved groups of at most that many, each read, scored
+and written before the next (memory stays bounded; 0 = all at once).
 
 Verdicts: with ``--threshold-file FILE`` (written by ``vmad calibrate``) or ``--image-threshold T`` each
 image gets ``"verdict": "anomalous"`` (score > T) or ``"normal"``, and summary.json records the thresholds
@@ -33,6 +35,7 @@ own size (upsampled), and its summary row records ``"downscaled": true`` and ``"
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -49,6 +52,8 @@ if TYPE_CHECKING:
     from vmad.infer.detector import Detection, Detector, DetectorConfig
 
 DEFAULT_OUT = "detect_output"
+#: images scored against each other at most (normality priors, MuSc without references): MuSc's group size
+DEFAULT_GROUP_SIZE = 200
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -129,6 +134,16 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     )
     add_answer_verdict_opt(parser)
     add_prior_opt(parser)
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=DEFAULT_GROUP_SIZE,
+        metavar="N",
+        help="images scored against each other (the normality prior of a model, --baseline musc without "
+        f"--reference): a larger folder is split into interleaved groups of at most N (default "
+        f"{DEFAULT_GROUP_SIZE}, MuSc's group size), each read, scored and written before the next, so memory "
+        "stays bounded; 0 = the whole folder at once",
+    )
     parser.add_argument(
         "--threshold-file",
         metavar="FILE",
@@ -284,8 +299,15 @@ def run(args: argparse.Namespace) -> int:
         question = detector.default_question(args.class_name, args.answer)
     outputs = _ImageOutputs(args=args, out_dir=out_dir, files=files, stems=stems)
     zero_shot = args.baseline and not detector.has_references
-    priors = None if args.baseline else _folder_priors(detector, files, references)
-    _detect_in_batches(detector, outputs, len(files) if zero_shot else config.batch_size, priors)
+    groups = folder_groups(len(files), args.group_size if zero_shot or detector_uses_priors(detector) else 0)
+    if len(groups) > 1:
+        print(f"{len(files)} images: scored against each other in {len(groups)} interleaved groups of at "
+              f"most {args.group_size} (--group-size)", file=sys.stderr)
+    with _progress(args, len(files)) as bar:
+        for group in groups:  # each group scored (priors or MuSc) and written before the next is read
+            priors = None if args.baseline else _folder_priors(detector, files, references, group)
+            _detect_in_batches(detector, outputs, len(group) if zero_shot else config.batch_size, priors,
+                               group, bar)
 
     summary = _build_summary(args, weights, question, config, detector, outputs.rows)
     _write_summary(summary, out_dir, print_json=args.json)
@@ -365,6 +387,9 @@ def _checked_config(args: argparse.Namespace) -> DetectorConfig:
         raise VMADError(f"--threshold must be a finite number, got {args.threshold}")
     if getattr(args, "workers", 0) < 0:
         raise VMADError(f"--workers must be >= 0, got {args.workers}")
+    if args.group_size < 0 or args.group_size == 1:
+        raise VMADError(f"--group-size must be 0 (the whole folder) or at least 2 (images are scored against "
+                        f"each other), got {args.group_size}")
     return config
 
 
@@ -560,11 +585,35 @@ def _chain(*parts: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         yield from part
 
 
+def folder_groups(n: int, group_size: int) -> list[list[int]]:
+    """``range(n)`` in interleaved groups of at most ``group_size`` (``i`` in group ``i % n_groups``, as MuSc
+    groups a large set, so each group spans the folder); one group when ``group_size`` is 0 or ``n`` fits."""
+    n_groups = 1 if group_size == 0 or n <= group_size else -(-n // group_size)
+    return [list(range(g, n, n_groups)) for g in range(n_groups)]
+
+
+def detector_uses_priors(detector: Detector | BaselineDetector) -> bool:
+    return bool(getattr(detector, "uses_priors", False))
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, n_files: int) -> Iterator[Any]:
+    """One progress bar over the run (off with --no-progress or a single image)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_files, unit="img", disable=True if args.no_progress or n_files == 1 else None)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 def _folder_priors(
-    detector: Detector, files: list[Path], references: list[Path] | None
+    detector: Detector, files: list[Path], references: list[Path] | None, group: Sequence[int]
 ) -> dict[int, Any] | None:
     """OURS: for a model that takes a normality prior, each readable image's prior by mutual scoring over
-    the whole folder (and ``--reference`` images), by file index; None for other models."""
+    the images ``group`` of ``files`` (the folder or one of its groups, :func:`folder_groups`) and the
+    ``--reference`` images, by file index; None for other models."""
     from vmad.data.io import read_image_bounded
     from vmad.errors import VMADError
 
@@ -572,9 +621,9 @@ def _folder_priors(
         return None
     limit = detector.config.max_pixels
     readable: dict[int, Any] = {}
-    for i, path in enumerate(files):
+    for i in group:
         try:
-            readable[i] = read_image_bounded(path, max_pixels=limit)[0]
+            readable[i] = read_image_bounded(files[i], max_pixels=limit)[0]
         except (OSError, ValueError, VMADError):
             continue  # reported when its batch is read
     refs = [read_image_bounded(p, max_pixels=limit)[0] for p in references or []]
@@ -596,42 +645,44 @@ def _folder_priors(
 
 
 def _detect_in_batches(
-    detector: Detector, outputs: _ImageOutputs, batch_size: int, priors: dict[int, Any] | None = None
+    detector: Detector,
+    outputs: _ImageOutputs,
+    batch_size: int,
+    priors: dict[int, Any] | None,
+    group: Sequence[int],
+    bar: Any,
 ) -> None:
-    """Detect ``batch_size`` images at a time (progress bar unless --no-progress or a single image), saving
-    each image's outputs as its batch is done; ``priors``: :func:`_folder_priors`."""
+    """Detect the files ``group`` (indices into ``outputs.files``) ``batch_size`` at a time, saving each
+    image's outputs as its batch is done; ``priors``: :func:`_folder_priors`; ``bar``: the run's progress."""
     import functools
-
-    from tqdm import tqdm
 
     from vmad.baselines.prior import join_priors
     from vmad.data.io import read_image_bounded
     from vmad.data.prefetch import prefetch
 
-    args, n_files = outputs.args, len(outputs.files)
-    bar = tqdm(total=n_files, unit="img", disable=True if args.no_progress or n_files == 1 else None)
+    args = outputs.args
     read = functools.partial(read_image_bounded, max_pixels=detector.config.max_pixels)
     workers = getattr(args, "workers", 0)
-    try:  # the next batches are decoded by `workers` processes while this one runs
-        for batch in prefetch(outputs.files, read, batch_size, workers):
-            indices, images, sizes = [], [], []
-            for index, loaded, error in batch:
-                if error is not None:
-                    outputs.skip(index, str(error))
-                    continue
-                indices.append(index)
-                images.append(loaded[0])
-                sizes.append(loaded[1])
-            extra = {} if priors is None else {"priors": join_priors([priors[i] for i in indices])}
-            detections = detector.detect(
-                images, args.question, answer=args.answer, class_name=args.class_name, original_sizes=sizes,
-                **extra,
-            ) if images else []
-            for index, image, detection in zip(indices, images, detections, strict=True):
-                outputs.save(index, image, detection)
-            bar.update(len(batch))
-    finally:
-        bar.close()
+    files = [outputs.files[i] for i in group]
+    # the next batches are decoded by `workers` processes while this one runs
+    for batch in prefetch(files, read, batch_size, workers):
+        indices, images, sizes = [], [], []
+        for position, loaded, error in batch:
+            index = group[position]
+            if error is not None:
+                outputs.skip(index, str(error))
+                continue
+            indices.append(index)
+            images.append(loaded[0])
+            sizes.append(loaded[1])
+        extra = {} if priors is None else {"priors": join_priors([priors[i] for i in indices])}
+        detections = detector.detect(
+            images, args.question, answer=args.answer, class_name=args.class_name, original_sizes=sizes,
+            **extra,
+        ) if images else []
+        for index, image, detection in zip(indices, images, detections, strict=True):
+            outputs.save(index, image, detection)
+        bar.update(len(batch))
 
 
 def _build_summary(
