@@ -26,7 +26,7 @@ from vmad.data import load_dataset
 from vmad.eval import evaluate
 from vmad.eval.scorer import ScoreOutput
 from vmad.eval.tables import pct
-from vmad.infer.detector import VMADScorer
+from vmad.infer.detector import DetectorConfig, VMADScorer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_SETS = ("mvtec_ad/bottle", "mpdd_metal_plate:0", "magnetic_tile:140", "neu_seg:150")
@@ -40,32 +40,37 @@ def read_scores(csv_file: Path) -> dict[str, float]:
         return {row["image"]: float(row["score"]) for row in csv.DictReader(f)}
 
 
+def capture_state(scorer: VMADScorer, image: np.ndarray, class_name: str) -> torch.Tensor:
+    """H̄_seg ``[1, D]`` the scorer's model gives ``image`` asked the class question."""
+    model = scorer.detector.model  # type: ignore[union-attr]
+    captured: list[torch.Tensor] = []
+    original = type(model).mask_logits
+
+    def capture(encoded, h_seg, size):  # noqa: ANN001, ANN202
+        captured.append(h_seg.detach().clone())
+        return original(model, encoded, h_seg, size)
+
+    model.mask_logits = capture
+    try:
+        scorer.detector.detect([image], class_name=class_name)  # type: ignore[union-attr]
+    finally:
+        del model.mask_logits
+    return captured[0]
+
+
 class FixedSegStateScorer(VMADScorer):
     """The segmentation-only scorer with H̄_seg of every image replaced by the grey image's H̄_seg for the
     same class question."""
 
-    def __init__(self, model: str) -> None:
-        super().__init__(model)
+    def __init__(self, model: str, config: DetectorConfig | None = None) -> None:
+        super().__init__(model, config)
         self.name = f"{self.name}-fixed-seg-state"
         self._states: dict[str, torch.Tensor] = {}
 
     def _reference_state(self, class_name: str) -> torch.Tensor:
         if class_name not in self._states:
-            model = self.detector.model  # type: ignore[union-attr]
-            captured: list[torch.Tensor] = []
-            original = type(model).mask_logits
-
-            def capture(encoded, h_seg, size):  # noqa: ANN001, ANN202
-                captured.append(h_seg.detach().clone())
-                return original(model, encoded, h_seg, size)
-
-            model.mask_logits = capture
-            try:
-                grey = np.full((384, 384, 3), 128, dtype=np.uint8)
-                self.detector.detect([grey], class_name=class_name)  # type: ignore[union-attr]
-            finally:
-                del model.mask_logits
-            self._states[class_name] = captured[0]
+            grey = np.full((384, 384, 3), 128, dtype=np.uint8)
+            self._states[class_name] = capture_state(self, grey, class_name)
         return self._states[class_name]
 
     def score(self, images: Sequence[np.ndarray], class_name: str) -> ScoreOutput:
@@ -84,6 +89,34 @@ class FixedSegStateScorer(VMADScorer):
             del model.mask_logits
 
 
+class OtherImageSegStateScorer(VMADScorer):
+    """The control: each image's H̄_seg replaced by the one of the image scored just before it (same class;
+    the first image of a class gets the state of the last image of its batch)."""
+
+    def __init__(self, model: str, config: DetectorConfig | None = None) -> None:
+        super().__init__(model, config)
+        self.name = f"{self.name}-other-image-seg-state"
+        self._previous: dict[str, torch.Tensor] = {}
+
+    def score(self, images: Sequence[np.ndarray], class_name: str) -> ScoreOutput:
+        self.prepare()
+        model = self.detector.model  # type: ignore[union-attr]
+        if class_name not in self._previous:
+            self._previous[class_name] = capture_state(self, images[-1], class_name)
+        original = type(model).mask_logits
+
+        def shifted(encoded, h_seg, size):  # noqa: ANN001, ANN202
+            states = torch.cat([self._previous[class_name].to(h_seg), h_seg])
+            self._previous[class_name] = h_seg[-1:].detach().clone()
+            return original(model, encoded, states[: len(h_seg)], size)
+
+        model.mask_logits = shifted
+        try:
+            return super().score(images, class_name)
+        finally:
+            del model.mask_logits
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="small", help="VMAD weights: small or a checkpoint folder")
@@ -92,12 +125,20 @@ def main() -> int:
     parser.add_argument("--sets", nargs="*", default=list(DEFAULT_SETS),
                         help="dataset[:max_per_class]: a folder under ../shared/data or an absolute path "
                              "(e.g. the output of make_heldout_textures.py); 0 or none = all")
+    parser.add_argument("--other-image", action="store_true",
+                        help="also a control run: each image gets the state of the image scored before it")
+    parser.add_argument("--prior", choices=("folder", "folder+self", "self", "off"), default="folder",
+                        help="normality-prior use of a model that has the prior input (vmad eval --prior); "
+                             "off = the decoder alone (single-image mode)")
     args = parser.parse_args()
     if not SHARED.is_dir():
         print(f"skip: {SHARED} is absent", file=sys.stderr)
         return 0
-    scorers = {"own <seg> state": VMADScorer(args.model),
-               "fixed <seg> state": FixedSegStateScorer(args.model)}
+    config = DetectorConfig(prior=args.prior)
+    scorers = {"own <seg> state": VMADScorer(args.model, config),
+               "fixed <seg> state": FixedSegStateScorer(args.model, config)}
+    if args.other_image:
+        scorers["other image's <seg> state"] = OtherImageSegStateScorer(args.model, config)
     rows = []
     for spec in args.sets:
         name, _, cap = spec.partition(":")
@@ -122,7 +163,11 @@ def main() -> int:
         "- own: the model as is; fixed: every image's H̄_seg (Eq. 4) replaced by the one the model gives",
         "  a uniform mid-grey 384x384 image with the same question (so the prompt carries no information on",
         "  the image); everything else, the images and the engine (`vmad eval` defaults) are the same",
+        f"- normality prior (models with the prior input): `{args.prior}` (`vmad eval --prior`)",
     ]
+    if args.other_image:
+        details.append("- other image's: every image's H̄_seg replaced by the one of the test image scored "
+                       "just before it (same class)")
     notes = [
         "Values in percent; – = undefined (NEU-Seg has no normal image). Max abs. score change: the largest",
         "difference of an image score (in [0, 1]) from the own-state run over the same images.",
