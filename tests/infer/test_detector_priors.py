@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
+from vmad.errors import ConfigError
 from vmad.infer.detector import Detector, DetectorConfig, VMADScorer
 from vmad.model.build import build_vmad
 from vmad.model.prior_prompt import SKIP_GAIN
@@ -76,6 +79,28 @@ def test_scorer_takes_a_whole_class_when_the_model_uses_priors(prior_detector: D
     assert off.images_per_call == 2
 
 
+def test_scorer_scores_a_large_class_in_interleaved_groups(prior_detector, monkeypatch) -> None:
+    from vmad.baselines.prior import interleaved_groups
+
+    assert interleaved_groups(7, 3) == [[0, 3, 6], [1, 4], [2, 5]]
+    assert interleaved_groups(7, 0) == interleaved_groups(7, 7) == [list(range(7))]
+    images = parts(7, stain=4)
+    seen = []
+    real = prior_detector.normality_priors
+    monkeypatch.setattr(prior_detector, "normality_priors", lambda ims, refs=(): seen.append(len(ims))
+                        or real(ims, refs))
+    whole = VMADScorer(detector=prior_detector, config=prior_detector.config).score(images, "part")
+    config = replace(prior_detector.config, prior_group_size=3)
+    grouped = VMADScorer(detector=prior_detector, config=config).score(images, "part")
+    assert seen == [7, 3, 2, 2]  # the whole class, then one mutual scoring per group
+    assert int(np.argmax(grouped.image_scores)) == 4  # in input order
+    # image 4 (group [1, 4]) has its own map back in its place; the others differ from the whole-class run
+    assert not np.allclose(grouped.anomaly_maps[4], grouped.anomaly_maps[1])
+    assert not np.allclose(whole.image_scores, grouped.image_scores)
+    with pytest.raises(ConfigError, match="prior_group_size"):
+        replace(config, prior_group_size=1).validate()
+
+
 def test_detect_cli_scores_priors_over_the_whole_folder(prior_detector, tmp_path, monkeypatch) -> None:
     import json
 
@@ -109,11 +134,8 @@ def test_detect_cli_scores_a_large_folder_in_interleaved_groups(prior_detector, 
     from PIL import Image
 
     from vmad.cli import main
-    from vmad.cli.detect import folder_groups
     from vmad.infer import detector as detector_module
 
-    assert folder_groups(7, 3) == [[0, 3, 6], [1, 4], [2, 5]]
-    assert folder_groups(7, 0) == folder_groups(7, 7) == [list(range(7))]
     folder = tmp_path / "in"
     folder.mkdir()
     for i, image in enumerate(parts(7, stain=4)):

@@ -299,7 +299,10 @@ def run(args: argparse.Namespace) -> int:
         question = detector.default_question(args.class_name, args.answer)
     outputs = _ImageOutputs(args=args, out_dir=out_dir, files=files, stems=stems)
     zero_shot = args.baseline and not detector.has_references
-    groups = folder_groups(len(files), args.group_size if zero_shot or detector_uses_priors(detector) else 0)
+    from vmad.baselines.prior import interleaved_groups
+
+    scored_together = zero_shot or detector_uses_priors(detector)
+    groups = interleaved_groups(len(files), args.group_size if scored_together else 0)
     if len(groups) > 1:
         print(f"{len(files)} images: scored against each other in {len(groups)} interleaved groups of at "
               f"most {args.group_size} (--group-size)", file=sys.stderr)
@@ -585,13 +588,6 @@ def _chain(*parts: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         yield from part
 
 
-def folder_groups(n: int, group_size: int) -> list[list[int]]:
-    """``range(n)`` in interleaved groups of at most ``group_size`` (``i`` in group ``i % n_groups``, as MuSc
-    groups a large set, so each group spans the folder); one group when ``group_size`` is 0 or ``n`` fits."""
-    n_groups = 1 if group_size == 0 or n <= group_size else -(-n // group_size)
-    return [list(range(g, n, n_groups)) for g in range(n_groups)]
-
-
 def detector_uses_priors(detector: Detector | BaselineDetector) -> bool:
     return bool(getattr(detector, "uses_priors", False))
 
@@ -612,7 +608,7 @@ def _folder_priors(
     detector: Detector, files: list[Path], references: list[Path] | None, group: Sequence[int]
 ) -> dict[int, Any] | None:
     """OURS: for a model that takes a normality prior, each readable image's prior by mutual scoring over
-    the images ``group`` of ``files`` (the folder or one of its groups, :func:`folder_groups`) and the
+    the images ``group`` of ``files`` (the folder or one of its interleaved groups) and the
     ``--reference`` images, by file index; None for other models."""
     from vmad.data.io import read_image_bounded
     from vmad.errors import VMADError

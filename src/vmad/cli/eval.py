@@ -80,6 +80,11 @@ def _add_speed_options(parser: argparse.ArgumentParser) -> None:
         "--device", metavar="DEV", help="--model only: auto (default: CUDA when available), cpu, cuda, ..."
     )
     add_prior_opt(parser)
+    parser.add_argument(
+        "--group-size", type=int, default=None, metavar="N",
+        help="--model with a normality prior: a class of more than N test images is scored in interleaved "
+        "groups of at most N, each group's priors within it (bounds memory); default 0 = each class at once",
+    )
 
 
 def parse_options(pairs: list[str]) -> dict[str, str]:
@@ -107,7 +112,8 @@ def build_scorer(args: argparse.Namespace) -> Scorer:
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, object]:
-    """``--batch-size`` / ``--device`` / ``--prior`` as detector options (only the given ones)."""
+    """``--batch-size`` / ``--device`` / ``--prior`` / ``--group-size`` as detector options (only the given
+    ones)."""
     options: dict[str, object] = {}
     if getattr(args, "batch_size", None) is not None:
         options["batch_size"] = args.batch_size
@@ -115,6 +121,8 @@ def _model_options(args: argparse.Namespace) -> dict[str, object]:
         options["device"] = args.device
     if getattr(args, "prior", None) is not None:
         options["prior"] = args.prior
+    if getattr(args, "group_size", None) is not None:
+        options["prior_group_size"] = args.group_size
     return options
 
 
@@ -131,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
     )
     settings.validate()
     if args.baseline is not None and _model_options(args):
-        raise ConfigError("--batch-size, --device and --prior apply to --model (a baseline scores a class at "
-                          "once)")
+        raise ConfigError("--batch-size, --device, --prior and --group-size apply to --model (a baseline "
+                          "scores a class at once)")
     options = options_from_args(args)
     datasets = [load_dataset(path, args.format, options) for path in args.data]  # fail before model loading
     scorer = build_scorer(args)

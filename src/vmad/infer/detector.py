@@ -118,6 +118,10 @@ class DetectorConfig:
             ``folder+self`` = the same, and such an image gets a self prior from its own patches; ``self`` =
             every image as if it came alone (its prior against the references, else its self prior);
             ``off`` = never.
+        prior_group_size: OURS, :class:`VMADScorer` (``vmad eval``) with priors: a class of more than this
+            many images is scored in interleaved groups of at most that many, each group's priors by mutual
+            scoring within it (bounds the memory of the prior pass); 0 = the whole class at once (default,
+            the setting of every recorded result).
         answer_verdict: OURS, answer mode only: ``model`` = the LLM alone chooses between the segmentation
             answer (``llm.seg_answer``, "It is <seg>.") and a normal answer ("No defect was found ...");
             ``evidence`` = the segmentation-only forward runs first and its verdict (``score >
@@ -139,11 +143,15 @@ class DetectorConfig:
     device: str = "auto"
     max_pixels: int = 4_194_304
     prior: PriorUse = "folder"
+    prior_group_size: int = 0
     answer_verdict: AnswerVerdict = "model"
     image_threshold_without_prior: float | None = None
     threshold_without_prior: float | None = None
 
     def validate(self) -> DetectorConfig:
+        if self.prior_group_size < 0 or self.prior_group_size == 1:
+            raise ConfigError(f"prior_group_size must be 0 (all at once) or at least 2 (images are scored "
+                              f"against each other), got {self.prior_group_size}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
         for name in ("image_threshold", "image_threshold_without_prior"):
@@ -623,8 +631,15 @@ class VMADScorer:
             self.detector = Detector.from_pretrained(self.path or self.model_ref, config=self.config)
 
     def score(self, images: Sequence[np.ndarray], class_name: str) -> ScoreOutput:
+        from vmad.baselines.prior import interleaved_groups
+
         self.prepare()
-        dets = self.detector.detect(list(images), class_name=class_name)  # type: ignore[union-attr]
+        size = self.config.prior_group_size if self._uses_priors() else 0
+        dets: list[Detection] = [None] * len(images)  # type: ignore[list-item]
+        for group in interleaved_groups(len(images), size):  # priors within each group
+            found = self.detector.detect([images[i] for i in group], class_name=class_name)  # type: ignore[union-attr]
+            for i, det in zip(group, found, strict=True):
+                dets[i] = det
         if all(d.logit_map is not None and d.score_logit is not None for d in dets):  # score space "logit"
             return ScoreOutput(image_scores=np.array([d.score_logit for d in dets], dtype=np.float64),
                                anomaly_maps=[d.full_logit_map() for d in dets])  # type: ignore[misc]
