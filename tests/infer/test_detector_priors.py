@@ -97,6 +97,8 @@ def test_scorer_scores_a_large_class_in_interleaved_groups(prior_detector, monke
     # image 4 (group [1, 4]) has its own map back in its place; the others differ from the whole-class run
     assert not np.allclose(grouped.anomaly_maps[4], grouped.anomaly_maps[1])
     assert not np.allclose(whole.image_scores, grouped.image_scores)
+    settings = VMADScorer(detector=prior_detector, config=config).settings()
+    assert (settings["prior"], settings["prior_group_size"]) == ("folder", 3)  # the results say how
     with pytest.raises(ConfigError, match="prior_group_size"):
         replace(config, prior_group_size=1).validate()
 

@@ -670,6 +670,9 @@ class VMADScorer:
             if score.get("space") == "logit"
             else "mask probability (sigmoid of M_decoder logits) at the input image size",
             **{k: v for k, v in asdict(self.config).items() if k in ("batch_size", "device")},
+            # OURS: how the normality priors were used (only for a model that takes them)
+            **({"prior": self.config.prior, "prior_group_size": self.config.prior_group_size}
+               if self.takes_prior else {}),
         }
 
 
