@@ -33,6 +33,24 @@ def parts(n: int, stain: int) -> list[np.ndarray]:
     return out
 
 
+def write_parts(folder, n: int, stain: int, prefix: str = "") -> None:  # noqa: ANN001
+    """:func:`parts` as PNG files ``<prefix><i>.png`` in a new ``folder``."""
+    from PIL import Image
+
+    folder.mkdir()
+    for i, image in enumerate(parts(n, stain)):
+        Image.fromarray(image).save(folder / f"{prefix}{i}.png")
+
+
+def count_priors(monkeypatch, detector: Detector) -> list[int]:  # noqa: ANN001
+    """The number of images of each :meth:`Detector.normality_priors` call, appended as they happen."""
+    seen: list[int] = []
+    real = detector.normality_priors
+    monkeypatch.setattr(detector, "normality_priors",
+                        lambda ims, refs=(): seen.append(len(ims)) or real(ims, refs))
+    return seen
+
+
 def test_folder_priors_reach_the_masks(prior_detector: Detector) -> None:
     images = parts(4, stain=1)
     with_prior = prior_detector.detect(images)
@@ -80,15 +98,12 @@ def test_scorer_takes_a_whole_class_when_the_model_uses_priors(prior_detector: D
 
 
 def test_scorer_scores_a_large_class_in_interleaved_groups(prior_detector, monkeypatch) -> None:
-    from vmad.baselines.prior import interleaved_groups
+    from vmad.baselines.musc import interleaved_groups
 
     assert interleaved_groups(7, 3) == [[0, 3, 6], [1, 4], [2, 5]]
     assert interleaved_groups(7, 0) == interleaved_groups(7, 7) == [list(range(7))]
     images = parts(7, stain=4)
-    seen = []
-    real = prior_detector.normality_priors
-    monkeypatch.setattr(prior_detector, "normality_priors", lambda ims, refs=(): seen.append(len(ims))
-                        or real(ims, refs))
+    seen = count_priors(monkeypatch, prior_detector)
     whole = VMADScorer(detector=prior_detector, config=prior_detector.config).score(images, "part")
     config = replace(prior_detector.config, prior_group_size=3)
     grouped = VMADScorer(detector=prior_detector, config=config).score(images, "part")
@@ -106,21 +121,14 @@ def test_scorer_scores_a_large_class_in_interleaved_groups(prior_detector, monke
 def test_detect_cli_scores_priors_over_the_whole_folder(prior_detector, tmp_path, monkeypatch) -> None:
     import json
 
-    from PIL import Image
-
     from vmad.cli import main
     from vmad.infer import detector as detector_module
 
     folder = tmp_path / "in"
-    folder.mkdir()
-    for i, image in enumerate(parts(5, stain=3)):
-        Image.fromarray(image).save(folder / f"{i}.png")
+    write_parts(folder, 5, stain=3)
     monkeypatch.setattr(detector_module.Detector, "from_pretrained",
                         classmethod(lambda cls, *a, **k: prior_detector))
-    seen = []
-    real = prior_detector.normality_priors
-    monkeypatch.setattr(prior_detector, "normality_priors", lambda images, refs=(): seen.append(len(images))
-                        or real(images, refs))
+    seen = count_priors(monkeypatch, prior_detector)
     assert main(["detect", str(folder), "--out", str(tmp_path / "out"), "--no-answer", "--batch-size", "2",
                  "--no-progress"]) == 0
     assert seen == [5]  # one mutual scoring over the folder, not one per batch of 2
@@ -133,21 +141,15 @@ def test_detect_cli_scores_a_large_folder_in_interleaved_groups(prior_detector, 
                                                               capsys) -> None:
     import json
 
-    from PIL import Image
-
     from vmad.cli import main
     from vmad.infer import detector as detector_module
 
     folder = tmp_path / "in"
-    folder.mkdir()
-    for i, image in enumerate(parts(7, stain=4)):
-        Image.fromarray(image).save(folder / f"{i}.png")
+    write_parts(folder, 7, stain=4)
     monkeypatch.setattr(detector_module.Detector, "from_pretrained",
                         classmethod(lambda cls, *a, **k: prior_detector))
-    seen, done = [], []
-    real_priors, real_detect = prior_detector.normality_priors, prior_detector.detect
-    monkeypatch.setattr(prior_detector, "normality_priors", lambda images, refs=(): seen.append(len(images))
-                        or real_priors(images, refs))
+    seen, done = count_priors(monkeypatch, prior_detector), []
+    real_detect = prior_detector.detect
     def detect(images, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         done.append((len(seen), len(images)))
         return real_detect(images, *args, **kwargs)
@@ -247,16 +249,12 @@ def test_logit_score_space_gives_the_evaluation_log_odds(prior_detector: Detecto
 def test_detect_cli_reports_the_log_odds(prior_detector, tmp_path, monkeypatch, capsys) -> None:
     import json
 
-    from PIL import Image
-
     from vmad.cli import main
     from vmad.infer import detector as detector_module
 
     det = logit_detector(prior_detector)
     folder = tmp_path / "in"
-    folder.mkdir()
-    for i, image in enumerate(parts(3, stain=1)):
-        Image.fromarray(image).save(folder / f"{i}.png")
+    write_parts(folder, 3, stain=1)
     monkeypatch.setattr(detector_module.Detector, "from_pretrained", classmethod(lambda cls, *a, **k: det))
     assert main(["detect", str(folder), "--out", str(tmp_path / "out"), "--no-answer", "--no-progress"]) == 0
     rows = json.loads((tmp_path / "out" / "summary.json").read_text())["images"]
@@ -277,9 +275,7 @@ def test_detect_cli_gives_an_image_unlike_the_folder_no_prior(prior_detector, tm
     from vmad.infer import detector as detector_module
 
     folder = tmp_path / "in"
-    folder.mkdir()
-    for i, image in enumerate(parts(4, stain=2)):
-        Image.fromarray(image).save(folder / f"part{i}.png")
+    write_parts(folder, 4, stain=2, prefix="part")
     stripes = np.zeros((64, 64, 3), np.uint8)
     stripes[:, ::8] = (0, 255, 0)
     stripes[::8] = (255, 0, 255)  # another object altogether

@@ -60,6 +60,14 @@ from vmad.eval.scorer import ScoreOutput
 FeatureFn = Callable[[Sequence[np.ndarray]], tuple[list[Tensor], Tensor]]
 
 
+def interleaved_groups(n: int, group_size: int) -> list[list[int]]:
+    """``range(n)`` in interleaved groups of at most ``group_size`` (``i`` in group ``i % n_groups``, so each
+    group spans the whole sorted set); one group when ``group_size`` is 0 or ``n`` fits. Used for MuSc's
+    ``group_size`` and for scoring a large folder's normality priors group by group."""
+    n_groups = 1 if group_size <= 0 or n <= group_size else -(-n // group_size)
+    return [list(range(g, n, n_groups)) for g in range(n_groups)]
+
+
 @dataclass
 class MuScConfig:
     """MuSc settings. Defaults: see the module docstring for what is the paper's and what is OURS."""
@@ -346,16 +354,16 @@ class MuScScorer:
         """:meth:`score` on features already computed by :attr:`features` (e.g. a subset of a folder's)."""
         c = self.config
         n = levels[0].shape[0]
-        groups = math.ceil(n / c.group_size) if c.group_size and n > c.group_size else 1
+        groups = interleaved_groups(n, c.group_size)  # every group spans the whole (sorted) class
         maps = torch.zeros(n, 1, *self.grid)
         image_scores = np.zeros(n)
-        for g in range(groups):  # interleaved: every group spans the whole (sorted) class
-            index = torch.arange(g, n, groups)
+        for group in groups:
+            index = torch.tensor(group)
             part = self._grid_maps([level[index] for level in levels])
             maps[index] = part
             raw = part.flatten(1).amax(dim=1).double().numpy()
             # several groups: RsCIN in raw units (no per-group min-max), so the groups' scores stay comparable
-            image_scores[index.numpy()] = rscin(raw, global_feats[index].numpy(), c.rscin_k, groups == 1)
+            image_scores[index.numpy()] = rscin(raw, global_feats[index].numpy(), c.rscin_k, len(groups) == 1)
         return ScoreOutput(image_scores=np.asarray(image_scores, dtype=np.float64),
                            anomaly_maps=self._upsampled(maps).numpy())
 

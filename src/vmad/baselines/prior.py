@@ -108,14 +108,6 @@ class Priors:
         return out
 
 
-def interleaved_groups(n: int, group_size: int) -> list[list[int]]:
-    """``range(n)`` in interleaved groups of at most ``group_size`` (``i`` in group ``i % n_groups``, as MuSc
-    groups a large set, so each group spans the whole set); one group when ``group_size`` is 0 or ``n``
-    fits."""
-    n_groups = 1 if group_size <= 0 or n <= group_size else -(-n // group_size)
-    return [list(range(g, n, n_groups)) for g in range(n_groups)]
-
-
 def join_priors(parts: Sequence[Priors]) -> Priors:
     """The priors of several sets, one after another (each image keeps its own mode)."""
     maps = [m for p in parts for m in p.maps]

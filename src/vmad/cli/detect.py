@@ -299,9 +299,9 @@ def run(args: argparse.Namespace) -> int:
         question = detector.default_question(args.class_name, args.answer)
     outputs = _ImageOutputs(args=args, out_dir=out_dir, files=files, stems=stems)
     zero_shot = args.baseline and not detector.has_references
-    from vmad.baselines.prior import interleaved_groups
+    from vmad.baselines.musc import interleaved_groups
 
-    scored_together = zero_shot or detector_uses_priors(detector)
+    scored_together = zero_shot or (not args.baseline and detector.uses_priors)
     groups = interleaved_groups(len(files), args.group_size if scored_together else 0)
     if len(groups) > 1:
         print(f"{len(files)} images: scored against each other in {len(groups)} interleaved groups of at "
@@ -586,10 +586,6 @@ def write_png_strips(path: Path, strips: Iterable[np.ndarray]) -> Path:
 def _chain(*parts: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
     for part in parts:
         yield from part
-
-
-def detector_uses_priors(detector: Detector | BaselineDetector) -> bool:
-    return bool(getattr(detector, "uses_priors", False))
 
 
 @contextlib.contextmanager

@@ -150,8 +150,8 @@ class DetectorConfig:
 
     def validate(self) -> DetectorConfig:
         if self.prior_group_size < 0 or self.prior_group_size == 1:
-            raise ConfigError(f"prior_group_size must be 0 (all at once) or at least 2 (images are scored "
-                              f"against each other), got {self.prior_group_size}")
+            raise ConfigError(f"prior_group_size (vmad eval --group-size) must be 0 (all at once) or at "
+                              f"least 2 (images are scored against each other), got {self.prior_group_size}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
         for name in ("image_threshold", "image_threshold_without_prior"):
@@ -631,7 +631,7 @@ class VMADScorer:
             self.detector = Detector.from_pretrained(self.path or self.model_ref, config=self.config)
 
     def score(self, images: Sequence[np.ndarray], class_name: str) -> ScoreOutput:
-        from vmad.baselines.prior import interleaved_groups
+        from vmad.baselines.musc import interleaved_groups
 
         self.prepare()
         size = self.config.prior_group_size if self._uses_priors() else 0
