@@ -210,6 +210,15 @@ def test_init_from_starts_from_trained_weights(riad: Path, tmp_path: Path) -> No
     state = trainable_state_dict(prompted.model)
     assert all(torch.equal(state[k].cpu(), v) for k, v in saved.items())
     added = {k for k in state if k not in saved}
+    # the OURS mask refiner: fresh on top of a checkpoint without one; left out by a config without one
+    refined = trainer("refined", **{"train.init_from": str(first / "final"),
+                                    "model.mask_decoder.refiner": True})
+    assert any(k.startswith("mask_refiner.") for k in trainable_state_dict(refined.model))
+    refined.model.save_trainable(tmp_path / "with_refiner")
+    plain_trainer = trainer("plain", **{"train.init_from": str(tmp_path / "with_refiner")})
+    plain = trainable_state_dict(plain_trainer.model)
+    assert all(torch.equal(plain[k].cpu(), v) for k, v in saved.items())
+    assert not any(k.startswith("mask_refiner.") for k in plain)
     frozen = trainer("frozen", **{"train.freeze": "[neck, mask_decoder, seg_head, lora]"}).model
     for name, p in frozen.named_parameters():
         part = "lora" if "lora_" in name else name.split(".")[0]

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmad.cli.options import add_answer_verdict_opt, add_baseline_opt, add_prior_opt
+from vmad.cli.options import add_answer_verdict_opt, add_baseline_opt, add_prior_opt, add_refine_opt
 
 if TYPE_CHECKING:
     import numpy as np
@@ -134,6 +134,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     )
     add_answer_verdict_opt(parser)
     add_prior_opt(parser)
+    add_refine_opt(parser)
     parser.add_argument(
         "--group-size",
         type=int,
@@ -291,6 +292,10 @@ def run(args: argparse.Namespace) -> int:
         who = "a baseline" if args.baseline else f"model {args.model!r}"
         raise VMADError(f"--prior: {who} takes no normality prior (only models with "
                         "mask_decoder.prior_prompt do)")
+    refiner = not args.baseline and detector.model.config.mask_decoder.refiner
+    if not getattr(args, "refine", True) and not refiner:
+        who = "a baseline" if args.baseline else f"model {args.model!r}"
+        raise VMADError(f"--no-refine: {who} has no mask refiner (only models with mask_decoder.refiner do)")
     if references and not args.baseline and not detector.uses_priors:
         raise VMADError(f"--reference: model {args.model!r} takes no normality prior (references are used by "
                         "--baseline and by models trained with mask_decoder.prior_prompt)")
@@ -380,6 +385,7 @@ def _checked_config(args: argparse.Namespace) -> DetectorConfig:
         max_pixels=getattr(args, "max_pixels", 4_194_304),
         answer_verdict=getattr(args, "answer_verdict", "model"),
         prior=getattr(args, "prior", None) or "folder",
+        refine=getattr(args, "refine", True),
     ).validate()
     config.torch_device()  # e.g. --device cuda on a CPU-only torch: one error line, before any work
     if not 0.0 <= args.alpha <= 1.0:
@@ -711,6 +717,9 @@ def _build_summary(
         if detector.config.image_threshold is not None else None,
         "references": [str(p) for p in getattr(detector, "reference_sources", [])] or None,
         "max_pixels": config.max_pixels,
+        # OURS: whether the masks are the refiner's (None: the method has no mask refiner)
+        "refine": detector.config.refine if not baseline and detector.model.config.mask_decoder.refiner
+        else None,
         "score_rule": "max of the MuSc map (module vmad.infer.baseline)" if baseline
         else detector.model.config.score.rule,
         "paths": "mask and overlay paths are relative to this file's folder",

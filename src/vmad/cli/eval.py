@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmad.cli.data import add_data_options, options_from_args
-from vmad.cli.options import add_baseline_opt, add_prior_opt
+from vmad.cli.options import add_baseline_opt, add_prior_opt, add_refine_opt
 from vmad.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ def _add_speed_options(parser: argparse.ArgumentParser) -> None:
         "--device", metavar="DEV", help="--model only: auto (default: CUDA when available), cpu, cuda, ..."
     )
     add_prior_opt(parser)
+    add_refine_opt(parser)
     parser.add_argument(
         "--group-size", type=int, default=None, metavar="N",
         help="--model with a normality prior: a class of more than N test images is scored in interleaved "
@@ -123,6 +124,8 @@ def _model_options(args: argparse.Namespace) -> dict[str, object]:
         options["prior"] = args.prior
     if getattr(args, "group_size", None) is not None:
         options["prior_group_size"] = args.group_size
+    if not getattr(args, "refine", True):
+        options["refine"] = False
     return options
 
 
@@ -139,14 +142,17 @@ def run(args: argparse.Namespace) -> int:
     )
     settings.validate()
     if args.baseline is not None and _model_options(args):
-        raise ConfigError("--batch-size, --device, --prior and --group-size apply to --model (a baseline "
-                          "scores a class at once)")
+        raise ConfigError("--batch-size, --device, --prior, --group-size and --no-refine apply to --model (a "
+                          "baseline scores a class at once)")
     options = options_from_args(args)
     datasets = [load_dataset(path, args.format, options) for path in args.data]  # fail before model loading
     scorer = build_scorer(args)
     if getattr(args, "prior", None) and not getattr(scorer, "takes_prior", False):
         raise ConfigError(f"--prior: model {args.model!r} takes no normality prior (only models with "
                           "mask_decoder.prior_prompt do)")
+    if not getattr(args, "refine", True) and not getattr(scorer, "has_refiner", False):
+        raise ConfigError(f"--no-refine: model {args.model!r} has no mask refiner (only models with "
+                          "mask_decoder.refiner do)")
     out_dir = Path(args.out) if args.out else Path("eval_results") / scorer.name
     result = evaluate(
         scorer, datasets, out_dir=out_dir, settings=settings, progress=False if args.no_progress else None

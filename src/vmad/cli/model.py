@@ -79,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--sam-path")
     export.set_defaults(func=_export)
     _register_add_prior(actions)
+    _register_add_refiner(actions)
     parser.set_defaults(func=lambda args: _usage(parser))
 
 
@@ -111,6 +112,32 @@ def _register_add_prior(actions: argparse._SubParsersAction) -> None:
                            "in-domain splits; 0 = the earlier models, whose masks cover most of an image)")
     add_prior.add_argument("--out", required=True, help="output folder")
     add_prior.set_defaults(func=_add_prior)
+
+
+def _register_add_refiner(actions: argparse._SubParsersAction) -> None:
+    from vmad.train.refiner import RefinerTrainConfig
+
+    d = RefinerTrainConfig()
+    add = actions.add_parser(
+        "add-refiner",
+        help="train the full-resolution mask refiner (OURS) on a frozen model and write model + refiner",
+        description="Load a trained model, turn on mask_decoder.refiner and train only the refiner "
+        "(vmad.model.mask_refiner) on synthetic defects painted on the normal images under DATA (searched "
+        "recursively; the model's own logits with the refiner off, a prior model with its self prior). "
+        "Samples and checkpoints go to OUT/refiner-training/ and a run started again resumes there; the "
+        "model is written to OUT (config.json + model.safetensors). A model that already has a refiner gets "
+        "a new one.",
+    )
+    add.add_argument("--model", default="small", help="packaged name or model folder (default small)")
+    add.add_argument("--data", required=True, help="folder of normal images (any layout)")
+    add.add_argument("--samples", type=int, default=d.samples, help="training samples (default %(default)s)")
+    add.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default %(default)s)")
+    add.add_argument("--without-prior", type=float, default=d.without_prior, metavar="FRACTION",
+                     help="a model with a normality prior: the share of samples whose logits are computed "
+                     "without one (the rest with its self prior; default %(default)s)")
+    add.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
+    add.add_argument("--out", required=True, help="output folder")
+    add.set_defaults(func=_add_refiner)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -251,4 +278,48 @@ def _add_prior(args: argparse.Namespace) -> int:
     model.save_trainable(out)
     print(f"wrote {out}: {source} + normality prior, skip weight {args.skip_weight}, skip offset "
           f"{args.skip_offset}, score weight {args.score_weight}, score space {args.score_space}")
+    return 0
+
+
+def _add_refiner(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from vmad.infer.detector import Detector, DetectorConfig
+    from vmad.model.build import build_vmad
+    from vmad.model.config import VMADConfig
+    from vmad.model.weights_io import read_meta, resolve_model_path
+    from vmad.train.refiner import RefinerTrainConfig, load_samples, normal_images, train_refiner
+
+    cfg = RefinerTrainConfig(samples=args.samples, steps=args.steps, seed=args.seed,
+                             without_prior=args.without_prior).validate()
+    out = _writable_folder(args.out, "write the model")
+    files = normal_images(args.data)
+    source = resolve_model_path(args.model)
+    config = VMADConfig.from_dict(read_meta(source)["config"])
+    config.mask_decoder.refiner = True
+    config.validate()
+    model = build_vmad(config)
+    fresh = ("mask_refiner.",)
+    model.load_trainable(source, keep_fresh=fresh, leave_out=fresh)
+    prior = "self" if config.mask_decoder.prior_prompt else "off"
+    detectors = {True: Detector(model, DetectorConfig(prior=prior, refine=False)),  # the decoder's logits
+                 False: Detector(model, DetectorConfig(prior="off", refine=False))}
+
+    def coarse(image: np.ndarray, with_prior: bool) -> np.ndarray:
+        [det] = detectors[with_prior].detect([image])
+        logits = det.full_logit_map()
+        if logits is None:  # a model scoring probabilities: their log-odds
+            p = np.clip(det.full_probability_map().astype(np.float64), 1e-7, 1 - 1e-7)
+            logits = np.log(p / (1 - p))
+        return logits
+
+    work = out / "refiner-training"
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"refiner: {len(files)} normal image(s) under {args.data}; {cfg.samples} samples, "
+          f"{cfg.steps} steps")
+    samples = load_samples(work, files, coarse, cfg)
+    assert model.mask_refiner is not None
+    train_refiner(model.mask_refiner, samples, cfg, work)
+    model.save_trainable(out)
+    print(f"wrote {out}: {source} + mask refiner ({cfg.steps} steps on {cfg.samples} samples)")
     return 0

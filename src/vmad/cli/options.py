@@ -33,6 +33,17 @@ def add_prior_opt(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_refine_opt(parser: argparse.ArgumentParser) -> None:
+    """``--no-refine`` (:attr:`vmad.infer.detector.DetectorConfig.refine`), for models with a mask refiner."""
+    parser.add_argument(
+        "--no-refine",
+        dest="refine",
+        action="store_false",
+        help="OURS, models with a mask refiner (mask_decoder.refiner): use the decoder's own mask logits, "
+        "without the full-resolution refinement",
+    )
+
+
 def add_answer_verdict_opt(parser: argparse.ArgumentParser) -> None:
     """``--answer-verdict`` (:attr:`vmad.infer.detector.DetectorConfig.answer_verdict`)."""
     parser.add_argument(

@@ -41,7 +41,9 @@ class Detection:
     ``processed_mask`` is its thresholded (h, w) mask; ``processed_size`` is None otherwise. ``answer`` is
     the generated text (None in segmentation-only mode and for baselines); ``source`` the image file (None
     for arrays); ``mask_from``: ``"segment"``, ``"answer"`` (see :mod:`vmad.infer.detector`) or the
-    baseline's name.
+    baseline's name. With a mask refiner (OURS, ``mask_decoder.refiner``, on unless
+    ``DetectorConfig.refine`` is False) ``mask`` is thresholded on the refined logits, while
+    ``probability_map``, ``logit_map`` and the score stay the decoder's (the maps ``vmad eval`` ranks).
 
     ``map_kind``: ``"probability"`` (VMAD: sigmoid of the mask logits, in [0, 1]) or ``"distance"`` (MuSc:
     patch-feature distances, the score's own units; ``probability_map`` then holds that anomaly map).
@@ -159,18 +161,21 @@ def make_detection(
     size: tuple[int, int] | None,
     mask_threshold: float,
     image_threshold: float | None,
+    mask_probs: np.ndarray | None = None,
     **kw: Any,
 ) -> Detection:
     """A :class:`Detection` from a float32 map at the processed size: the mask ``probs > mask_threshold``
     at ``size`` (upsampled strip by strip when ``size`` differs from the map's; None = the map's size), the
-    verdict from ``image_threshold``."""
+    verdict from ``image_threshold``. ``mask_probs`` (OURS, a model with a mask refiner): the probabilities
+    the binary mask is taken from instead of ``probs`` (same size), the map staying ``probs``."""
     p = np.asarray(probs, dtype=np.float32)
-    mask = p > mask_threshold
+    source = p if mask_probs is None else np.asarray(mask_probs, dtype=np.float32)
+    mask = source > mask_threshold
     common = dict(question=question, mask_threshold=float(mask_threshold), image_threshold=image_threshold,
                   verdict=verdict_of(float(score), image_threshold), **kw)
     if size is None or tuple(size) == p.shape:
         return Detection(float(score), mask, p, **common)
-    full = _upsample(p, size, mask_threshold)
+    full = _upsample(source, size, mask_threshold)
     return Detection(float(score), full, p, processed_size=p.shape, processed_mask=mask,  # type: ignore[arg-type]
                      **common)
 

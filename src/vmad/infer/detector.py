@@ -132,6 +132,9 @@ class DetectorConfig:
         image_threshold_without_prior, threshold_without_prior: OURS, a model with a normality prior: the
             verdict and mask thresholds for an image that gets no prior (its score is on the decoder's own
             scale); None = ``image_threshold`` / ``threshold``. Set by :meth:`Detector.calibrate`.
+        refine: OURS, only for models with a mask refiner (``mask_decoder.refiner``): True (default) = the
+            binary masks from the refined logits (maps and image scores stay the decoder's); False = the
+            masks from the decoder's own logits.
     """
 
     threshold: float = 0.5
@@ -147,6 +150,7 @@ class DetectorConfig:
     answer_verdict: AnswerVerdict = "model"
     image_threshold_without_prior: float | None = None
     threshold_without_prior: float | None = None
+    refine: bool = True
 
     def validate(self) -> DetectorConfig:
         if self.prior_group_size < 0 or self.prior_group_size == 1:
@@ -473,14 +477,31 @@ class Detector:
                 det.prior = priors.mode_of(i)
             out[i] = det
 
+    @property
+    def refines(self) -> bool:
+        """The binary masks come from the mask refiner (OURS): the model has one and ``config.refine``."""
+        return self.model.mask_refiner is not None and self.config.refine
+
+    def _mask_probs(self, image: torch.Tensor, probs: torch.Tensor, logits: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """The refined mask probabilities of one image (``logits`` None: the log-odds of ``probs``)."""
+        if logits is None:
+            logits = torch.logit(probs.detach().float().clamp(1e-7, 1 - 1e-7))
+        return self.model.refined_mask_logits(image[None], logits[None])[0].sigmoid()
+
     def _detection(
         self, probs: torch.Tensor, score: float, question: str, size: tuple[int, int] | None = None,
-        thresholds: tuple[float, float | None] | None = None, **kw: Any
+        thresholds: tuple[float, float | None] | None = None, image: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None, **kw: Any
     ) -> Detection:
-        """``thresholds``: (mask, image) thresholds; None = the config's."""
+        """``thresholds``: (mask, image) thresholds; None = the config's. ``image`` (and the map's
+        ``logits`` when known): the mask refiner's input, for a detector that :attr:`refines`."""
         p = probs.detach().float().cpu().numpy().astype(np.float32, copy=False)
         mask_t, image_t = thresholds or (self.config.threshold, self.config.image_threshold)
-        return make_detection(p, score, question, size, mask_t, image_t, **kw)
+        refined = None
+        if image is not None and self.refines:
+            refined = self._mask_probs(image, probs, logits).cpu().numpy().astype(np.float32, copy=False)
+        return make_detection(p, score, question, size, mask_t, image_t, mask_probs=refined, **kw)
 
     def _segment(
         self, images: torch.Tensor, question: str, thresholds: tuple[float, float | None] | None = None,
@@ -490,10 +511,11 @@ class Detector:
         extra = {} if priors is None else {"priors": priors}
         res = self.model.segment(images, question, **extra)
         if self.model.config.score.space != "logit":
-            return [self._detection(res.probs[i], float(res.scores[i]), question, sizes[i], thresholds)
-                    for i in range(len(images))]
+            return [self._detection(res.probs[i], float(res.scores[i]), question, sizes[i], thresholds,
+                                    image=images[i], logits=res.logits[i]) for i in range(len(images))]
         logits = res.logits.detach().float().cpu().numpy()
         return [self._detection(res.probs[i], float(res.scores[i]), question, sizes[i], thresholds,
+                                image=images[i], logits=res.logits[i],
                                 logit_map=logits[i], score_logit=float(res.score_logits[i]))  # type: ignore[index]
                 for i in range(len(images))]
 
@@ -512,7 +534,7 @@ class Detector:
             encoded = self.model.encode_images(images, priors)
             first = self.model.segment(images, fallback, encoded=encoded)
             seg = {i: (first.probs[i], float(first.scores[i])) for i in range(len(images))}
-            extra = {**self._evidence_openings(first, thresholds), "encoded": encoded}
+            extra = {**self._evidence_openings(first, thresholds, images), "encoded": encoded}
         gen = self.model.generate(images, question, max_new_tokens=tokens, **extra)
         missing = [i for i, p in enumerate(gen.probs) if p is None and i not in seg]
         if missing:  # the fallback reuses the encoded images: no frozen encoder runs twice
@@ -525,11 +547,10 @@ class Detector:
         out = []
         for i in range(len(images)):
             if gen.probs[i] is not None:
-                det = self._detection(
-                    gen.probs[i], float(gen.scores[i]), question, sizes[i], thresholds, mask_from="answer"
-                )
+                det = self._detection(gen.probs[i], float(gen.scores[i]), question, sizes[i], thresholds,
+                                      image=images[i], mask_from="answer")
             else:
-                det = self._detection(*seg[i], question, sizes[i], thresholds)
+                det = self._detection(*seg[i], question, sizes[i], thresholds, image=images[i])
             det.answer = gen.texts[i]
             out.append(det)
         return out
@@ -541,7 +562,8 @@ class Detector:
                 and question == self.default_question(class_name, answer=True))
 
     def _evidence_openings(
-        self, seg: SegmentationResult, thresholds: tuple[float, float | None] | None = None
+        self, seg: SegmentationResult, thresholds: tuple[float, float | None] | None = None,
+        images: torch.Tensor | None = None,
     ) -> dict[str, list[str | None]]:
         """``answer_verdict="evidence"``: per image, the segmentation-only verdict (``score >
         image_threshold`` when set, else a non-empty binary mask) as generation constraints: a normal image's
@@ -551,7 +573,11 @@ class Detector:
         if image_t is not None:
             anomalous = (seg.scores > image_t).tolist()
         else:
-            anomalous = (seg.probs.flatten(1) > mask_t).any(1).tolist()
+            masks = seg.probs
+            if images is not None and self.refines:  # the binary mask the user gets
+                masks = torch.stack([self._mask_probs(images[i], seg.probs[i], seg.logits[i])
+                                     for i in range(len(images))])
+            anomalous = (masks.flatten(1) > mask_t).any(1).tolist()
         opening = self.model.config.llm.seg_answer
         return {
             "prefixes": [opening if a else f"{opening} {NORMAL_OPENING}" for a in anomalous],
@@ -616,12 +642,20 @@ class VMADScorer:
     def takes_prior(self) -> bool:
         """The model has the normality-prior input (``mask_decoder.prior_prompt``), whatever
         ``config.prior`` says."""
+        return self._decoder_flag("prior_prompt")
+
+    @property
+    def has_refiner(self) -> bool:
+        """The model has a mask refiner (``mask_decoder.refiner``), whatever ``config.refine`` says."""
+        return self._decoder_flag("refiner")
+
+    def _decoder_flag(self, name: str) -> bool:
         if self.detector is not None:
-            return bool(self.detector.model.config.mask_decoder.prior_prompt)
+            return bool(getattr(self.detector.model.config.mask_decoder, name))
         if self.path is None:
             return False
         meta = json.loads((self.path / CONFIG_NAME).read_text(encoding="utf-8"))
-        return bool(meta.get("config", {}).get("mask_decoder", {}).get("prior_prompt", False))
+        return bool(meta.get("config", {}).get("mask_decoder", {}).get(name, False))
 
     def _uses_priors(self) -> bool:
         return self.config.prior != "off" and self.takes_prior
@@ -673,6 +707,7 @@ class VMADScorer:
             # OURS: how the normality priors were used (only for a model that takes them)
             **({"prior": self.config.prior, "prior_group_size": self.config.prior_group_size}
                if self.takes_prior else {}),
+            **({"refine": self.config.refine} if self.has_refiner else {}),  # OURS: the mask refiner's use
         }
 
 

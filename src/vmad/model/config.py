@@ -238,6 +238,15 @@ class MaskDecoderConfig:
             applied to its learned mask token, ``mask_token``, the paper's and every preset's default). OURS,
             ``seg_state``: the hypernetwork is applied to the output of the H_seg prompt token itself, so the
             mask is a direct function of the LLM's ``<seg>`` state (:mod:`vmad.model.mask_decoder`).
+        refiner: OURS, not in the paper: a small full-resolution net corrects the upsampled mask logits from
+            the image's own pixels for the binary mask (maps and image scores stay the decoder's), so thin
+            and small defects get pixel-precise masks
+            (:mod:`vmad.model.mask_refiner`); trained alone by ``vmad model add-refiner``. Off in every
+            preset.
+        refiner_width, refiner_dilations, refiner_limit: its channels, the dilations of its residual 3x3
+            convolutions, and the bound L of the logits it corrects (``L * tanh(logit / L)``).
+        refiner_max_side: a larger image's correction is computed at this longest side and upsampled (cost
+            and the pixel scale it was trained at, images of at most 320 px); 0 = always at full size.
     """
 
     kind: DecoderKind = "scratch"
@@ -252,9 +261,23 @@ class MaskDecoderConfig:
     prior_skip_init: float = 0.0
     prior_skip_offset: float = 0.0
     mask_query: MaskQuery = "mask_token"
+    refiner: bool = False
+    refiner_width: int = 16
+    refiner_dilations: tuple[int, ...] = (1, 2, 4, 8, 1)
+    refiner_limit: float = 20.0
+    refiner_max_side: int = 384
 
     def validate(self) -> None:
         check_choices(self, "model.mask_decoder")
+        check_range("mask_decoder.refiner_width", self.refiner_width, 1, MAX_WIDTH)
+        if not self.refiner_dilations or any(int(d) < 1 or int(d) > 64 for d in self.refiner_dilations):
+            raise ConfigError(f"mask_decoder.refiner_dilations must be 1-64 each (at least one), got "
+                              f"{self.refiner_dilations}")
+        if self.refiner_max_side and self.refiner_max_side < 16:
+            raise ConfigError(f"mask_decoder.refiner_max_side must be 0 (full size) or >= 16, got "
+                              f"{self.refiner_max_side}")
+        if not math.isfinite(self.refiner_limit) or not 1.0 <= self.refiner_limit <= 1000.0:
+            raise ConfigError(f"mask_decoder.refiner_limit must be in [1, 1000], got {self.refiner_limit}")
         if not math.isfinite(self.prior_skip_offset) or abs(self.prior_skip_offset) > 12:
             raise ConfigError(f"mask_decoder.prior_skip_offset must be finite and within ±12, got "
                               f"{self.prior_skip_offset}")

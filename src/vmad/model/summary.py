@@ -39,6 +39,8 @@ def model_summary(model: nn.Module) -> dict[str, Any]:
         parts.append(("mask_prompt", model.mask_prompt))
     if model.seg_verdict is not None:
         parts.append(("seg_verdict", model.seg_verdict))
+    if model.mask_refiner is not None:
+        parts.append(("mask_refiner", model.mask_refiner))
     for name, module in parts:
         total, trainable = count_parameters(module)
         count_parameters(module, seen)

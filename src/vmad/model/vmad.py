@@ -28,6 +28,7 @@ from vmad.model.layers import param_dtype
 from vmad.model.llm import add_vmad_tokens
 from vmad.model.ltc import LTC
 from vmad.model.mask_prompt import MaskPrompt, insert_mask_prompt
+from vmad.model.mask_refiner import MaskRefiner
 from vmad.model.outputs import EncodedImages, GenerationResult, SegmentationResult, VMADOutput
 from vmad.model.prior_prompt import prior_to_frame
 from vmad.model.scoring import image_scores, score_logits
@@ -85,8 +86,7 @@ class VMADModel(nn.Module):
                 llm_cfg.mask_prompt_grid,
                 init_embedding=mean_row,
             ).to(self.new_token_rows.embed.device)
-        verdict = SegVerdict(llm.get_input_embeddings().weight.shape[1]) if config.seg_head.verdict else None
-        self.seg_verdict = verdict.to(self.new_token_rows.embed.device) if verdict is not None else None
+        self._optional_heads(config, llm.get_input_embeddings().weight.shape[1])
         pad = tokenizer.pad_token_id
         self.slot_token_id = int(pad) if pad is not None else 0  # id shown at mask-prompt positions
         if config.lora.enabled:
@@ -105,6 +105,14 @@ class VMADModel(nn.Module):
         self.llm = llm  # Θ (+ LoRA)
         # greedy decoding: the CPU defaults; the GPU fast path (vmad.model.fastpath) changes them
         self.decode_options = generation.DecodeOptions()
+
+    def _optional_heads(self, config: VMADConfig, width: int) -> None:
+        """OURS parts the config asks for, None when off: the ``<seg>`` verdict head (``seg_head.verdict``)
+        and the mask refiner (``mask_decoder.refiner``)."""
+        device = self.new_token_rows.embed.device
+        self.seg_verdict = SegVerdict(width).to(device) if config.seg_head.verdict else None
+        refiner = MaskRefiner.from_config(config.mask_decoder)
+        self.mask_refiner = refiner.to(device) if refiner is not None else None
 
     # ----------------------------------------------------------------- parts
     @property
@@ -189,6 +197,16 @@ class VMADModel(nn.Module):
         logits = frame.to_image(low.float(), size)[:, 0]  # un-pad and un-resize to the image
         verdict = self.verdict_logits(h_seg)
         return logits if verdict is None else gate_logits(logits, verdict)
+
+    @torch.no_grad()
+    def refined_mask_logits(self, images: Tensor, logits: Tensor) -> Tensor:
+        """OURS, models with ``mask_decoder.refiner``: the binary mask's logits, ``logits [K, H, W]`` (the
+        decoder's, at the size of ``images [K, 3, H', W']``) corrected at full resolution
+        (:mod:`vmad.model.mask_refiner`). The maps and image scores stay the decoder's."""
+        if self.mask_refiner is None:
+            raise VMADError("this model has no mask refiner (mask_decoder.refiner is off)")
+        dtype = param_dtype(self.mask_refiner)
+        return self.mask_refiner(images.to(self.device, dtype), logits.to(self.device, dtype)).float()
 
     def mask_probs(self, encoded: EncodedImages, h_seg: Tensor) -> Tensor:
         """Mask probabilities at the input image size."""

@@ -27,7 +27,8 @@ CONFIG_NAME = "config.json"
 PACKAGED_MODELS: dict[str, str] = {"small": "weights/small"}
 # Top-level parts whose whole state (buffers included) is trained and saved.
 TRAINED_PARTS = (
-    "projector.", "seg_head.", "mask_decoder.", "neck.", "new_token_rows.", "mask_prompt.", "seg_verdict."
+    "projector.", "seg_head.", "mask_decoder.", "neck.", "new_token_rows.", "mask_prompt.", "seg_verdict.",
+    "mask_refiner.",
 )
 # Version-1 key names -> current ones.
 LEGACY_KEYS = {"new_token_embed": "new_token_rows.embed", "new_token_out": "new_token_rows.out"}

@@ -31,6 +31,7 @@ FREEZABLE = (
     "mask_decoder",
     "mask_prompt",
     "seg_verdict",
+    "mask_refiner",
     "new_token_rows",
     "new_token_embed",
     "new_token_out",

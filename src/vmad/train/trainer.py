@@ -203,16 +203,17 @@ class Trainer:
         self.pos = DataPosition()
 
     def _init_model(self, init_from: Path | None) -> None:
-        """Load ``train.init_from`` (OURS parts it lacks, the mask and prior prompts and the verdict head,
-        start fresh; such parts it has and the config lacks are left out), then freeze ``train.freeze``."""
+        """Load ``train.init_from`` (OURS parts it lacks, the mask and prior prompts, the verdict head and
+        the mask refiner, start fresh; such parts it has and the config lacks are left out), then freeze
+        ``train.freeze``."""
         if init_from is not None:
-            new_parts = ("mask_prompt.", "mask_decoder.prior_prompt.", "seg_verdict.")
+            new_parts = ("mask_prompt.", "mask_decoder.prior_prompt.", "seg_verdict.", "mask_refiner.")
             # an optional part the checkpoint has and this config lacks (e.g. the packaged small's prior
             # prompt when training a recipe without one) is left out
             fresh = self.model.load_trainable(init_from, keep_fresh=new_parts, leave_out=new_parts)
             if fresh and self.rank == 0:
                 print(f"{init_from}: {len(fresh)} tensors not in it start fresh "
-                      "(mask prompt / prior prompt / verdict)", file=sys.stderr)
+                      "(mask prompt / prior prompt / verdict / mask refiner)", file=sys.stderr)
         freeze_parts(self.model, self.cfg.train.freeze)
 
     def _optimizer_and_schedule(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
