@@ -35,14 +35,16 @@ KEYS = (("image_auroc", "Img AUROC"), ("pixel_auroc", "Pixel AUROC"), ("aupro", 
         ("image_ap", "Img AP"), ("pixel_ap", "Pixel AP"))
 
 
-def parse_vmad(spec: str) -> tuple[str, str, str]:
-    """``LABEL=MODEL[@PRIOR]`` -> (label, model, prior use: ``folder`` (default), ``folder+self``, ``self``
-    or ``off``)."""
+def parse_vmad(spec: str) -> tuple[str, str, str, bool]:
+    """``LABEL=MODEL[@PRIOR][,norefine]`` -> (label, model, prior use: ``folder`` (default), ``folder+self``,
+    ``self`` or ``off``, refine: False with ``,norefine`` (a model with a mask refiner, run without it))."""
     label, _, rest = spec.partition("=")
+    rest, _, flag = rest.partition(",")
     model, _, prior = rest.partition("@")
-    if not label or not model or prior not in ("", "folder", "folder+self", "self", "off"):
-        raise SystemExit(f"--vmad {spec!r}: expected LABEL=MODEL[@folder|@folder+self|@self|@off]")
-    return label, model, prior or "folder"
+    if not label or not model or prior not in ("", "folder", "folder+self", "self", "off") or flag not in (
+            "", "norefine"):
+        raise SystemExit(f"--vmad {spec!r}: expected LABEL=MODEL[@folder|@folder+self|@self|@off][,norefine]")
+    return label, model, prior or "folder", flag != "norefine"
 
 
 def prior_label(scorer: object, prior: str) -> str:
@@ -71,11 +73,12 @@ def run_rows(scorers: dict[str, object], sets: tuple[tuple[str, int | None], ...
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vmad", action="append", default=None, metavar="LABEL=MODEL[@PRIOR]",
+    parser.add_argument("--vmad", action="append", default=None, metavar="LABEL=MODEL[@PRIOR][,norefine]",
                         help="a VMAD model to score (repeatable; default 'VMAD-small=small'); @off: a "
                         "prior_prompt model run without its normality prior (single-image mode); @self: "
                         "each image alone with its self prior (OURS); @folder+self: folder, and an image "
-                        "unlike the others gets its self prior")
+                        "unlike the others gets its self prior; ,norefine: a model with a mask refiner run "
+                        "without it (OURS)")
     parser.add_argument("--no-musc", action="store_true", help="leave MuSc out")
     parser.add_argument("--musc-group-size", type=int, default=200, metavar="N",
                         help="MuSc scores a class of more than N images in interleaved groups of at most N "
@@ -92,15 +95,17 @@ def main() -> int:
         return 0
     specs = [parse_vmad(v) for v in (args.vmad or ["VMAD-small=small"])]
     scorers: dict[str, object] = {
-        label: build_scorer(model, prior=prior) for label, model, prior in specs
+        label: build_scorer(model, prior=prior, **({} if refine else {"refine": False}))
+        for label, model, prior, refine in specs
     }
     if not args.no_musc:
         scorers["MuSc (folder)"] = build_baseline("musc", group_size=args.musc_group_size)
     rows = run_rows(scorers, sets, args.out_dir)
     head = ["Data (test split)", "Method", "images"] + [h for _, h in KEYS] + ["s/img model"]
     details = [
-        "- VMAD models: " + "; ".join(f"{lab} = `{model}` (prior: {prior_label(scorers[lab], prior)})"
-                                      for lab, model, prior in specs),
+        "- VMAD models: " + "; ".join(f"{lab} = `{model}` (prior: {prior_label(scorers[lab], prior)}"
+                                      + ("" if refine else ", mask refiner off") + ")"
+                                      for lab, model, prior, refine in specs),
         "- MuSc: `MuScConfig` defaults (EfficientNet-Lite0), mutual scoring over each class's test images,",
         f"  in interleaved groups of at most {args.musc_group_size} images (0 = all at once); priors: groups",
         "  of at most 200",

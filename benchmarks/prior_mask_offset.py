@@ -10,12 +10,11 @@ is read from its test split; ``--prior`` chooses how priors are made (``self``: 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from mask_iou import detect_set  # benchmarks/mask_iou.py
 
-from vmad.data.dataset import load_dataset
-from vmad.data.io import read_image
 from vmad.infer.detector import PRIOR_USES, Detector, DetectorConfig
 
 
@@ -30,16 +29,7 @@ def main() -> None:
     detector = Detector.from_pretrained(args.model, config=DetectorConfig(prior=args.prior))
     if detector.model.config.score.space != "logit":
         raise SystemExit(f"{args.model}: needs model.score.space logit (the maps' log-odds)")
-    ds = load_dataset(args.data)
-    maps: list[tuple[np.ndarray, np.ndarray]] = []
-    split = "test" if "test" in ds.splits() else None  # a set with splits: its test images
-    for name in ds.class_names():
-        samples = ds.select(class_name=name, split=split)
-        dets = detector.detect([read_image(s.image_path) for s in samples], answer=False)
-        for s, d in zip(samples, dets, strict=True):
-            gt = np.zeros(d.size, bool) if s.mask_path is None else (
-                np.asarray(Image.open(s.mask_path).convert("L")) > 127)
-            maps.append((d.full_logit_map(), gt))
+    maps = [(d.full_logit_map(), gt) for d, gt, _ in detect_set(detector, Path(args.data))]
     print(f"{args.model} on {args.data}, prior {args.prior}: {len(maps)} images")
     print("| T | pooled pixel F1 | normal images, mask < 1 % | defect images, mean IoU | IoU >= 0.3 |")
     print("|---:|---:|---:|---:|---:|")
