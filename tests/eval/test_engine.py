@@ -328,7 +328,11 @@ def test_cli_model_batch_size_and_workers_do_not_change_results(tiny_ckpt, tmp_p
         assert one["classes"]["plate"][key] == pytest.approx(four["classes"]["plate"][key], abs=1e-6)
     code = main(["eval", "--baseline", "musc", "--data", str(root), "--batch-size", "2"])
     assert code == 2
-    assert "--batch-size, --device, --prior and --group-size apply to --model" in capsys.readouterr().err
+    assert "--batch-size, --device, --prior, --group-size and --no-refine apply to --model" in (
+        capsys.readouterr().err)
     code = main(["eval", "--model", str(tiny_ckpt), "--data", str(root), "--prior", "self", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "--prior:" in err and "takes no normality prior" in err
+    code = main(["eval", "--model", str(tiny_ckpt), "--data", str(root), "--no-refine", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--no-refine:" in err and "has no mask refiner" in err
