@@ -35,6 +35,9 @@ def test_untrained_refiner_keeps_order_and_sign() -> None:
     assert float(out.abs().max()) < 20.0
     order = torch.argsort(logits.flatten())
     assert bool((out.flatten()[order].diff() >= 0).all())
+    # back on the decoder's scale: an untrained refiner gives the logits back (a threshold keeps its meaning)
+    moderate = logits.clamp(-40, 40)
+    assert torch.allclose(refiner.unbounded(refiner.bounded(moderate)), moderate, atol=1e-3)
 
 
 def test_refiner_reads_the_image_once_trained() -> None:
@@ -79,6 +82,12 @@ def test_config_switch_and_masks_only(tmp_path: Path) -> None:
     np.testing.assert_array_equal(off.mask, off.probability_map > 0.5)
     np.testing.assert_array_equal(on.mask, (refined[0] > 0).numpy())
     assert not np.array_equal(on.mask, off.mask)
+    # another mask threshold t: the decoder's logits shifted so that t sits at the refiner's decision point
+    shift = float(torch.logit(torch.tensor(0.9, dtype=torch.float64)))
+    [high] = Detector(model, DetectorConfig(device="cpu", threshold=0.9)).detect(image[0])
+    expected = model.refined_mask_logits(image, decoder - shift)[0] > 0
+    np.testing.assert_array_equal(high.mask, expected.numpy())
+    assert high.mask.sum() != on.mask.sum()
 
 
 def test_saved_with_the_model(tmp_path: Path) -> None:

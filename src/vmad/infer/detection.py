@@ -161,21 +161,22 @@ def make_detection(
     size: tuple[int, int] | None,
     mask_threshold: float,
     image_threshold: float | None,
-    mask_probs: np.ndarray | None = None,
+    mask_logits: np.ndarray | None = None,
     **kw: Any,
 ) -> Detection:
     """A :class:`Detection` from a float32 map at the processed size: the mask ``probs > mask_threshold``
     at ``size`` (upsampled strip by strip when ``size`` differs from the map's; None = the map's size), the
-    verdict from ``image_threshold``. ``mask_probs`` (OURS, a model with a mask refiner): the probabilities
-    the binary mask is taken from instead of ``probs`` (same size), the map staying ``probs``."""
+    verdict from ``image_threshold``. ``mask_logits`` (OURS, a model with a mask refiner): the binary mask
+    is ``mask_logits > 0`` instead (same size; the refiner's logits with ``mask_threshold`` already applied),
+    the map staying ``probs``."""
     p = np.asarray(probs, dtype=np.float32)
-    source = p if mask_probs is None else np.asarray(mask_probs, dtype=np.float32)
-    mask = source > mask_threshold
+    source, cut = (p, mask_threshold) if mask_logits is None else (np.asarray(mask_logits, np.float32), 0.0)
+    mask = source > cut
     common = dict(question=question, mask_threshold=float(mask_threshold), image_threshold=image_threshold,
                   verdict=verdict_of(float(score), image_threshold), **kw)
     if size is None or tuple(size) == p.shape:
         return Detection(float(score), mask, p, **common)
-    full = _upsample(source, size, mask_threshold)
+    full = _upsample(source, size, cut)
     return Detection(float(score), full, p, processed_size=p.shape, processed_mask=mask,  # type: ignore[arg-type]
                      **common)
 

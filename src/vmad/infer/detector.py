@@ -482,12 +482,16 @@ class Detector:
         """The binary masks come from the mask refiner (OURS): the model has one and ``config.refine``."""
         return self.model.mask_refiner is not None and self.config.refine
 
-    def _mask_probs(self, image: torch.Tensor, probs: torch.Tensor, logits: torch.Tensor | None = None
-                    ) -> torch.Tensor:
-        """The refined mask probabilities of one image (``logits`` None: the log-odds of ``probs``)."""
+    def _refined_cut(self, image: torch.Tensor, probs: torch.Tensor, logits: torch.Tensor | None,
+                     mask_threshold: float) -> torch.Tensor:
+        """One image's refined mask logits relative to the mask threshold (mask = result > 0): the
+        decoder's logits (None: the log-odds of ``probs``) are shifted so that the threshold sits at 0, the
+        refiner's own decision point (it was trained at probability 0.5), then refined."""
         if logits is None:
             logits = torch.logit(probs.detach().float().clamp(1e-7, 1 - 1e-7))
-        return self.model.refined_mask_logits(image[None], logits[None])[0].sigmoid()
+        t = min(max(float(mask_threshold), 1e-12), 1 - 1e-12)
+        shift = math.log(t / (1 - t))
+        return self.model.refined_mask_logits(image[None], logits[None].float() - shift)[0]
 
     def _detection(
         self, probs: torch.Tensor, score: float, question: str, size: tuple[int, int] | None = None,
@@ -500,8 +504,9 @@ class Detector:
         mask_t, image_t = thresholds or (self.config.threshold, self.config.image_threshold)
         refined = None
         if image is not None and self.refines:
-            refined = self._mask_probs(image, probs, logits).cpu().numpy().astype(np.float32, copy=False)
-        return make_detection(p, score, question, size, mask_t, image_t, mask_probs=refined, **kw)
+            cut = self._refined_cut(image, probs, logits, mask_t)
+            refined = cut.cpu().numpy().astype(np.float32, copy=False)
+        return make_detection(p, score, question, size, mask_t, image_t, mask_logits=refined, **kw)
 
     def _segment(
         self, images: torch.Tensor, question: str, thresholds: tuple[float, float | None] | None = None,
@@ -573,11 +578,12 @@ class Detector:
         if image_t is not None:
             anomalous = (seg.scores > image_t).tolist()
         else:
-            masks = seg.probs
             if images is not None and self.refines:  # the binary mask the user gets
-                masks = torch.stack([self._mask_probs(images[i], seg.probs[i], seg.logits[i])
-                                     for i in range(len(images))])
-            anomalous = (masks.flatten(1) > mask_t).any(1).tolist()
+                cut = torch.stack([self._refined_cut(images[i], seg.probs[i], seg.logits[i], mask_t)
+                                   for i in range(len(images))])
+                anomalous = (cut.flatten(1) > 0).any(1).tolist()
+            else:
+                anomalous = (seg.probs.flatten(1) > mask_t).any(1).tolist()
         opening = self.model.config.llm.seg_answer
         return {
             "prefixes": [opening if a else f"{opening} {NORMAL_OPENING}" for a in anomalous],

@@ -63,6 +63,12 @@ class MaskRefiner(nn.Module):
         """``L * tanh(logits / L)``: order- and sign-preserving, within (-L, L)."""
         return self.limit * torch.tanh(logits / self.limit)
 
+    def unbounded(self, refined: Tensor) -> Tensor:
+        """The inverse of :meth:`bounded` (``L * atanh(x / L)``, ``x / L`` clipped to ±(1 - 1e-6)): refined
+        logits back on the decoder's scale, so that a mask threshold means what it means without the
+        refiner (calibrated thresholds far from 0.5 included); an untrained refiner gives the input back."""
+        return self.limit * torch.atanh((refined / self.limit).clamp(-1 + 1e-6, 1 - 1e-6))
+
     def forward(self, images: Tensor, logits: Tensor) -> Tensor:
         """``images [K, 3, H', W']`` in [0, 1] (resized to the logits' size when they differ), ``logits
         [K, H, W]`` -> refined logits ``[K, H, W]``. Above ``max_side`` px (longest side; 0 = never) the

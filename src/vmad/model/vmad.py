@@ -202,11 +202,13 @@ class VMADModel(nn.Module):
     def refined_mask_logits(self, images: Tensor, logits: Tensor) -> Tensor:
         """OURS, models with ``mask_decoder.refiner``: the binary mask's logits, ``logits [K, H, W]`` (the
         decoder's, at the size of ``images [K, 3, H', W']``) corrected at full resolution
-        (:mod:`vmad.model.mask_refiner`). The maps and image scores stay the decoder's."""
+        (:mod:`vmad.model.mask_refiner`), on the decoder's logit scale (``MaskRefiner.unbounded``). The maps
+        and image scores stay the decoder's."""
         if self.mask_refiner is None:
             raise VMADError("this model has no mask refiner (mask_decoder.refiner is off)")
         dtype = param_dtype(self.mask_refiner)
-        return self.mask_refiner(images.to(self.device, dtype), logits.to(self.device, dtype)).float()
+        refined = self.mask_refiner(images.to(self.device, dtype), logits.to(self.device, dtype))
+        return self.mask_refiner.unbounded(refined.float())
 
     def mask_probs(self, encoded: EncodedImages, h_seg: Tensor) -> Tensor:
         """Mask probabilities at the input image size."""
