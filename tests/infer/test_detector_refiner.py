@@ -27,8 +27,16 @@ def refined(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     tmp = tmp_path_factory.mktemp("refiner")
     out = tmp / "with_refiner"
+    plates = tmp / "plates"  # real defects, MPDD layout: a blank mask = normal
+    _normals(plates / "train" / "images", 3)
+    (plates / "train" / "masks").mkdir(parents=True)
+    for i in range(3):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[10:20 + i, 5:30] = 255 if i < 2 else 0
+        Image.fromarray(mask).save(plates / "train" / "masks" / f"{i}.png")
     args = ["model", "add-refiner", "--model", str(tiny_ckpt), "--data", str(_normals(tmp / "normals")),
-            "--samples", "4", "--steps", "3", "--out", str(out)]
+            "--samples", "4", "--steps", "3", "--defects", str(plates), "--real-samples", "2",
+            "--out", str(out)]
     assert main(args) == 0
     return out
 
@@ -39,6 +47,7 @@ def test_add_refiner_writes_the_model_with_a_trained_refiner(refined: Path, tiny
     assert model.config.mask_decoder.refiner and model.mask_refiner is not None
     assert float(model.mask_refiner.head.weight.detach().abs().sum()) > 0  # trained (it starts at zero)
     assert (refined / "refiner-training" / "refiner-checkpoint.safetensors").is_file()
+    assert (refined / "refiner-training" / "real-000.safetensors").is_file()  # --defects: real samples
     image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
     [plain] = base.detect(image)
     [off] = Detector(model, DetectorConfig(device="cpu", refine=False)).detect(image)
@@ -75,3 +84,13 @@ def test_eval_scorer_records_the_refiner(refined: Path, tiny_ckpt: Path) -> None
     assert VMADScorer(refined).settings()["refine"] is True
     assert VMADScorer(refined, DetectorConfig(refine=False)).settings()["refine"] is False
     assert "refine" not in VMADScorer(tiny_ckpt).settings()
+
+
+def test_real_samples_need_defects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vmad.cli import main
+
+    args = ["model", "add-refiner", "--data", str(_normals(tmp_path / "normals", 1)), "--real-samples", "5",
+            "--out", str(tmp_path / "out")]
+    assert main(args) != 0
+    assert "--real-samples needs --defects" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ from vmad.train.refiner import (
     CHECKPOINT_NAME,
     RefinerTrainConfig,
     crop_batch,
+    defect_samples,
     load_samples,
     normal_images,
     train_refiner,
@@ -210,3 +211,40 @@ def test_large_images_are_corrected_at_max_side() -> None:
     assert seen == [(16, 13), (12, 10)]  # reduced to 16 px on the longest side; a small image as it is
     assert out.shape == (1, 40, 32) and small.shape == (1, 12, 10)
     assert float((out - refiner.bounded(logits)).abs().max()) > 1e-3  # the correction is added back
+
+
+def test_real_defects_come_in_class_groups_with_their_masks(tmp_path: Path, data_factory) -> None:
+    from vmad.data.io import read_mask
+
+    root = tmp_path / "plates"
+    for i in range(4):  # MPDD layout: train/{images,masks}, a blank mask = normal
+        data_factory.write_image(root / "train" / "images" / f"{i}.png", size=(40, 32), seed=i)
+        box = (3 + i, 4, 20, 12) if i < 2 else None
+        data_factory.write_mask(root / "train" / "masks" / f"{i}.png", size=(40, 32), box=box)
+    data_factory.write_image(root / "test" / "images" / "9.png", size=(40, 32), seed=9)
+    data_factory.write_mask(root / "test" / "masks" / "9.png", size=(40, 32), box=(1, 1, 5, 5))
+    pool = defect_samples([root])
+    assert len(pool) == 4 and {s.split for s in pool} == {"train"}  # the train split only
+    cfg = RefinerTrainConfig(samples=2, shard_size=2, max_side=40, crop=16, real_samples=3, real_group=2)
+    groups: list[int] = []
+
+    def coarse_folder(images: list[np.ndarray]) -> list[np.ndarray]:
+        groups.append(len(images))
+        return [_fake_coarse(image, True) for image in images]
+
+    files = normal_images(_normals(tmp_path / "normals"))
+    samples = load_samples(tmp_path / "work", files, _fake_coarse, cfg, log=lambda _: None, real=pool,
+                           coarse_folder=coarse_folder)
+    assert groups == [2, 2]  # 3 real samples rounded up to whole groups, each detected together
+    assert len(samples) == 2 + 4 and len(list((tmp_path / "work").glob("real-*.safetensors"))) == 2
+    truth = {int(read_mask(s).sum()) for s in pool}
+    for _, logits, mask in samples[2:]:
+        assert mask.shape == logits.shape == (1, 32, 40)
+        assert int(mask.sum()) in truth  # a ground-truth mask, not a painted one
+    with pytest.raises(VMADError, match="needs data sets with defects"):
+        load_samples(tmp_path / "other", files, _fake_coarse, cfg, log=lambda _: None)
+
+
+def test_real_defects_need_annotated_defects(tiny_mvtec: Path) -> None:
+    with pytest.raises(VMADError, match="no anomalous image with a mask"):
+        defect_samples([tiny_mvtec])  # MVTec's train split holds normal images only

@@ -126,7 +126,8 @@ def _register_add_refiner(actions: argparse._SubParsersAction) -> None:
         "recursively; the model's own logits with the refiner off, a prior model with its self prior). "
         "Samples and checkpoints go to OUT/refiner-training/ and a run started again resumes there; the "
         "model is written to OUT (config.json + model.safetensors). A model that already has a refiner gets "
-        "a new one.",
+        "a new one. --defects adds real defects: annotated images with their ground-truth masks, given to "
+        "the model in groups of one class (with the folder prior, as `vmad detect FOLDER`).",
     )
     add.add_argument("--model", default="small", help="packaged name or model folder (default small)")
     add.add_argument("--data", required=True, help="folder of normal images (any layout)")
@@ -135,6 +136,12 @@ def _register_add_refiner(actions: argparse._SubParsersAction) -> None:
     add.add_argument("--without-prior", type=float, default=d.without_prior, metavar="FRACTION",
                      help="a model with a normality prior: the share of samples whose logits are computed "
                      "without one (the rest with its self prior; default %(default)s)")
+    add.add_argument("--defects", action="append", default=[], metavar="DATA",
+                     help="an annotated data set (any format `vmad eval` reads; its train split when it has "
+                     "one) to draw real defects from (repeatable)")
+    add.add_argument("--real-samples", type=int, default=None, metavar="N",
+                     help="samples drawn from --defects, rounded up to whole groups of "
+                     f"{d.real_group} images of one class (default 120 with --defects)")
     add.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
     add.add_argument("--out", required=True, help="output folder")
     add.set_defaults(func=_add_refiner)
@@ -281,6 +288,17 @@ def _add_prior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _logits_of(det: Any) -> Any:
+    """A detection's full-size mask logits (a model scoring probabilities: their log-odds)."""
+    import numpy as np
+
+    logits = det.full_logit_map()
+    if logits is None:
+        p = np.clip(det.full_probability_map().astype(np.float64), 1e-7, 1 - 1e-7)
+        logits = np.log(p / (1 - p))
+    return logits
+
+
 def _add_refiner(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -288,12 +306,22 @@ def _add_refiner(args: argparse.Namespace) -> int:
     from vmad.model.build import build_vmad
     from vmad.model.config import VMADConfig
     from vmad.model.weights_io import read_meta, resolve_model_path
-    from vmad.train.refiner import RefinerTrainConfig, load_samples, normal_images, train_refiner
+    from vmad.train.refiner import (
+        RefinerTrainConfig,
+        defect_samples,
+        load_samples,
+        normal_images,
+        train_refiner,
+    )
 
+    if args.real_samples is not None and not args.defects:
+        raise VMADError("--real-samples needs --defects DATA")
+    real_samples = args.real_samples if args.real_samples is not None else 120 if args.defects else 0
     cfg = RefinerTrainConfig(samples=args.samples, steps=args.steps, seed=args.seed,
-                             without_prior=args.without_prior).validate()
+                             without_prior=args.without_prior, real_samples=real_samples).validate()
     out = _writable_folder(args.out, "write the model")
     files = normal_images(args.data)
+    real = defect_samples(args.defects) if cfg.real_samples else None
     source = resolve_model_path(args.model)
     config = VMADConfig.from_dict(read_meta(source)["config"])
     config.mask_decoder.refiner = True
@@ -307,19 +335,24 @@ def _add_refiner(args: argparse.Namespace) -> int:
 
     def coarse(image: np.ndarray, with_prior: bool) -> np.ndarray:
         [det] = detectors[with_prior].detect([image])
-        logits = det.full_logit_map()
-        if logits is None:  # a model scoring probabilities: their log-odds
-            p = np.clip(det.full_probability_map().astype(np.float64), 1e-7, 1 - 1e-7)
-            logits = np.log(p / (1 - p))
-        return logits
+        return _logits_of(det)
+
+    folder = Detector(model, DetectorConfig(prior="folder", refine=False))
+
+    def coarse_folder(images: list[np.ndarray]) -> list[np.ndarray]:
+        return [_logits_of(det) for det in folder.detect(images)]
 
     work = out / "refiner-training"
     work.mkdir(parents=True, exist_ok=True)
     print(f"refiner: {len(files)} normal image(s) under {args.data}; {cfg.samples} samples, "
           f"{cfg.steps} steps")
-    samples = load_samples(work, files, coarse, cfg)
+    if real:
+        print(f"refiner: {cfg.real_samples} real sample(s) from {len(real)} annotated image(s)")
+    samples = load_samples(work, files, coarse, cfg, real=real, coarse_folder=coarse_folder)
     assert model.mask_refiner is not None
     train_refiner(model.mask_refiner, samples, cfg, work)
     model.save_trainable(out)
-    print(f"wrote {out}: {source} + mask refiner ({cfg.steps} steps on {cfg.samples} samples)")
+    real_note = f" + {len(samples) - cfg.samples} real" if real else ""
+    print(f"wrote {out}: {source} + mask refiner ({cfg.steps} steps on {cfg.samples} synthetic{real_note} "
+          "samples)")
     return 0

@@ -6,6 +6,9 @@ on ``defect_fraction`` of the samples and none on the rest; the frozen model's m
 off) are computed once: for a model with a normality prior, with its self prior (as a lone image gets with
 ``--prior folder+self``), except ``without_prior`` of the samples (default none), which go without one (a
 single image, ``--prior off``).
+Real defects (optional, ``real_samples`` > 0): images of annotated data sets (their train split when they
+have one) with their ground-truth masks, ``real_group`` images of one class at a time given to the frozen
+model together, so a prior model's logits come with the folder prior (``vmad detect FOLDER``).
 Training: random crops (most centred on a defect pixel), BCE + Dice on the refined logits, AdamW.
 
 Nothing done is lost: samples are written in shards of ``shard_size`` (each shard's images and defects come
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from vmad.data.io import is_image_file, read_image
+from vmad.data.io import is_image_file, read_image, read_mask
+from vmad.data.records import Sample
 from vmad.data.synth import SynthConfig, synthesize
 from vmad.errors import VMADError
 from vmad.model.mask_refiner import MaskRefiner
@@ -37,6 +41,8 @@ from vmad.train.checkpoint import load_tensors, optimizer_state, optimizer_state
 
 #: (image uint8 [H, W, 3], with its prior?) -> mask logits float [H, W]: the frozen model, refiner off.
 CoarseFn = Callable[[np.ndarray, bool], np.ndarray]
+#: images of one class, detected together (folder mode) -> their mask logits: the frozen model, refiner off.
+FolderCoarseFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 CHECKPOINT_NAME = "refiner-checkpoint.safetensors"
 
 
@@ -57,11 +63,16 @@ class RefinerTrainConfig:
     weight_decay: float = 1e-4
     save_every: int = 250
     seed: int = 0
+    real_samples: int = 0
+    real_group: int = 12
 
     def validate(self) -> RefinerTrainConfig:
         if min(self.samples, self.shard_size, self.steps, self.batch_size, self.save_every) < 1:
             raise VMADError("refiner training: samples, shard_size, steps, batch_size and save_every must "
                             "be >= 1")
+        if self.real_samples < 0 or self.real_group < 2:
+            raise VMADError(f"refiner training: need real_samples >= 0 and real_group >= 2, got "
+                            f"{self.real_samples}, {self.real_group}")
         if self.crop < 16 or self.max_side < self.crop:
             raise VMADError(f"refiner training: need 16 <= crop <= max_side, got {self.crop}, "
                             f"{self.max_side}")
@@ -80,6 +91,46 @@ def normal_images(root: str | Path) -> list[Path]:
     if not files:
         raise VMADError(f"{folder}: no image files (png, jpg, ...) found in it or below it")
     return files
+
+
+def defect_samples(roots: list[str | Path]) -> list[Sample]:
+    """The samples real defects are drawn from: each data set's train split (every sample of a set without
+    splits); VMADError when none of them holds an anomalous image with a mask."""
+    from vmad.data.dataset import load_dataset
+
+    pool: list[Sample] = []
+    for root in roots:
+        ds = load_dataset(root)
+        pool += ds.select(split="train" if "train" in ds.splits() else None)
+    if not any(s.label == 1 and s.mask_path is not None for s in pool):
+        raise VMADError(f"refiner training: no anomalous image with a mask in {', '.join(map(str, roots))}")
+    return pool
+
+
+def build_real_shard(pool: list[Sample], coarse: FolderCoarseFn, cfg: RefinerTrainConfig, k: int
+                     ) -> dict[str, Tensor]:
+    """Real shard ``k``: ``real_group`` images of one class (every class as likely, whatever its size), with
+    their ground-truth masks and the logits the frozen model gives them detected together."""
+    rng = np.random.default_rng([cfg.seed, 2, k])
+    names = sorted({s.class_name for s in pool})
+    name = names[int(rng.integers(len(names)))]
+    same = [s for s in pool if s.class_name == name]
+    chosen = [same[int(j)] for j in rng.choice(len(same), size=min(cfg.real_group, len(same)), replace=False)]
+    images, masks = [], []
+    for sample in chosen:
+        try:
+            image = _reduced(read_image(sample.image_path), cfg.max_side)
+            masks.append(read_mask(sample, image.shape[:2]))
+        except VMADError as exc:
+            raise VMADError(f"refiner training: {exc}") from None
+        images.append(image)
+    out: dict[str, Tensor] = {}
+    first = cfg.samples + k * cfg.real_group
+    for j, (image, mask, logits) in enumerate(zip(images, masks, coarse(images), strict=True)):
+        out[f"image.{first + j}"] = torch.from_numpy(np.array(image, dtype=np.uint8))
+        out[f"mask.{first + j}"] = torch.from_numpy(mask)
+        out[f"logits.{first + j}"] = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    return out
 
 
 def _reduced(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -118,17 +169,27 @@ def build_shard(files: list[Path], coarse: CoarseFn, cfg: RefinerTrainConfig, k:
 
 
 def load_samples(work: Path, files: list[Path], coarse: CoarseFn, cfg: RefinerTrainConfig,
-                 log: Callable[[str], None] = print) -> list[tuple[Tensor, Tensor, Tensor]]:
+                 log: Callable[[str], None] = print, real: list[Sample] | None = None,
+                 coarse_folder: FolderCoarseFn | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Every sample as (image [3, H, W] in [0, 1], logits [1, H, W], mask [1, H, W] float), building the
-    missing shards (``work/samples-KKK.safetensors``) first."""
+    missing shards first: synthetic ``work/samples-KKK.safetensors``, real ``work/real-KKK.safetensors``
+    (``cfg.real_samples`` > 0: drawn from ``real`` and given logits by ``coarse_folder``)."""
     samples: list[tuple[Tensor, Tensor, Tensor]] = []
     work.mkdir(parents=True, exist_ok=True)
-    for k in range(math.ceil(cfg.samples / cfg.shard_size)):
-        path = work / f"samples-{k:03d}.safetensors"
+    n_real = math.ceil(cfg.real_samples / cfg.real_group)
+    if n_real and (not real or coarse_folder is None):
+        raise VMADError("refiner training: real_samples > 0 needs data sets with defects")
+    shards: list[tuple[Path, Callable[[], dict[str, Tensor]]]] = [
+        (work / f"samples-{k:03d}.safetensors", lambda k=k: build_shard(files, coarse, cfg, k))
+        for k in range(math.ceil(cfg.samples / cfg.shard_size))]
+    shards += [(work / f"real-{k:03d}.safetensors",
+                lambda k=k: build_real_shard(real or [], coarse_folder, cfg, k))  # type: ignore[arg-type]
+               for k in range(n_real)]
+    for path, build in shards:
         if not path.is_file():
             start = time.perf_counter()
-            save_safetensors(path, build_shard(files, coarse, cfg, k))
-            log(f"refiner samples: shard {k} written ({time.perf_counter() - start:.0f} s)")
+            save_safetensors(path, build())
+            log(f"refiner samples: {path.name} written ({time.perf_counter() - start:.0f} s)")
         shard = load_tensors(path)
         for i in sorted({int(key.split(".")[1]) for key in shard}):
             image = shard[f"image.{i}"].permute(2, 0, 1).float() / 255.0
