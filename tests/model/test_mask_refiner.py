@@ -41,6 +41,25 @@ def test_untrained_refiner_keeps_order_and_sign() -> None:
     assert torch.allclose(refiner.unbounded(refiner.bounded(moderate)), moderate, atol=1e-3)
 
 
+def test_shrink_only_refiner_never_adds_to_the_mask() -> None:
+    torch.manual_seed(0)
+    free, shrink = MaskRefiner(width=4, dilations=(1, 2)), MaskRefiner(width=4, dilations=(1, 2), shrink=True)
+    shrink.load_state_dict(free.state_dict())
+    for m in (free, shrink):
+        torch.nn.init.normal_(m.head.weight, std=2.0)  # a correction of both signs
+    images, logits = torch.rand(2, 3, 20, 30), torch.randn(2, 20, 30) * 3
+    with torch.no_grad():
+        out_free, out_shrink = free(images, logits), shrink(images, logits)
+    base = free.bounded(logits)
+    assert bool((out_free > base).any())  # the free refiner raises some logits ...
+    assert bool((out_shrink <= base + 1e-6).all())  # ... the shrink-only one none
+    assert bool(((out_shrink > 0) <= (logits > 0)).all())  # its mask lies within the decoder's
+    assert bool((out_shrink < base - 1e-3).any())
+    fresh = MaskRefiner(width=4, dilations=(1, 2), shrink=True)  # zero head: the gradient still reaches it
+    fresh(images, logits).sum().backward()
+    assert float(fresh.head.weight.grad.abs().sum()) > 0
+
+
 def test_refiner_reads_the_image_once_trained() -> None:
     torch.manual_seed(0)
     refiner = MaskRefiner(width=4, dilations=(1,))

@@ -142,6 +142,9 @@ def _register_add_refiner(actions: argparse._SubParsersAction) -> None:
     add.add_argument("--real-samples", type=int, default=None, metavar="N",
                      help="samples drawn from --defects, rounded up to whole groups of "
                      f"{d.real_group} images of one class (default 120 with --defects)")
+    add.add_argument("--shrink-only", action="store_true",
+                     help="the refiner may only lower logits (mask_decoder.refiner_shrink): its masks lie "
+                     "within the decoder's")
     add.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
     add.add_argument("--out", required=True, help="output folder")
     add.set_defaults(func=_add_refiner)
@@ -325,6 +328,7 @@ def _add_refiner(args: argparse.Namespace) -> int:
     source = resolve_model_path(args.model)
     config = VMADConfig.from_dict(read_meta(source)["config"])
     config.mask_decoder.refiner = True
+    config.mask_decoder.refiner_shrink = bool(args.shrink_only)
     config.validate()
     model = build_vmad(config)
     fresh = ("mask_refiner.",)

@@ -247,6 +247,8 @@ class MaskDecoderConfig:
             convolutions, and the bound L of the logits it corrects (``L * tanh(logit / L)``).
         refiner_max_side: a larger image's correction is computed at this longest side and upsampled (cost
             and the pixel scale it was trained at, images of at most 320 px); 0 = always at full size.
+        refiner_shrink: the correction can only lower a logit, so the refined binary mask lies within the
+            decoder's (a normal image the decoder leaves clean stays clean).
     """
 
     kind: DecoderKind = "scratch"
@@ -266,6 +268,7 @@ class MaskDecoderConfig:
     refiner_dilations: tuple[int, ...] = (1, 2, 4, 8, 1)
     refiner_limit: float = 20.0
     refiner_max_side: int = 384
+    refiner_shrink: bool = False
 
     def validate(self) -> None:
         check_choices(self, "model.mask_decoder")

@@ -6,7 +6,7 @@ when the band is in the right place. The refiner is a small fully convolutional 
 resolution. It sees the image's luminance (standardised per image) and the decoder's upsampled logits and adds
 a learned correction:
 
-    out = L * tanh(logits / L) + s * Δ(image, logits)
+    out = L * tanh(logits / L) + s * Δ(image, logits)        (shrink-only: s * min(Δ, 0))
 
 ``L * tanh(. / L)`` keeps the order and sign of every logit (so with Δ = 0 the binary mask at probability 0.5
 is the decoder's own) while bounding how far a logit stands from 0 (the prior skip reaches 100 logit units,
@@ -40,9 +40,10 @@ class MaskRefiner(nn.Module):
 
     def __init__(
         self, width: int = 16, dilations: Sequence[int] = (1, 2, 4, 8, 1), limit: float = 20.0,
-        max_side: int = 384,
+        max_side: int = 384, shrink: bool = False,
     ) -> None:
         super().__init__()
+        self.shrink = bool(shrink)
         self.limit = float(limit)
         self.max_side = int(max_side)
         self.inp = nn.Conv2d(2, width, 3, padding=1)
@@ -57,7 +58,8 @@ class MaskRefiner(nn.Module):
         """The refiner ``cfg`` (``model.mask_decoder``) asks for, or None when ``cfg.refiner`` is off."""
         if not cfg.refiner:
             return None
-        return cls(cfg.refiner_width, cfg.refiner_dilations, cfg.refiner_limit, cfg.refiner_max_side)
+        return cls(cfg.refiner_width, cfg.refiner_dilations, cfg.refiner_limit, cfg.refiner_max_side,
+                   cfg.refiner_shrink)
 
     def bounded(self, logits: Tensor) -> Tensor:
         """``L * tanh(logits / L)``: order- and sign-preserving, within (-L, L)."""
@@ -92,6 +94,8 @@ class MaskRefiner(nn.Module):
         for block in self.blocks:
             h = h + F.relu(block(h))
         delta = self.head(h)
+        if self.shrink:  # clamp's gradient passes at 0, where the zero-initialised head starts
+            delta = delta.clamp(max=0.0)
         if work != size:
             delta = F.interpolate(delta, size=size, mode="bilinear", align_corners=False)
         return (base + self.scale * delta)[:, 0].to(logits.dtype)
