@@ -264,6 +264,14 @@ def test_real_defects_come_in_class_groups_with_their_masks(tmp_path: Path, data
         load_samples(tmp_path / "other", files, _fake_coarse, cfg, log=lambda _: None)
 
 
-def test_real_defects_need_annotated_defects(tiny_mvtec: Path) -> None:
-    with pytest.raises(VMADError, match="no anomalous image with a mask"):
+def test_real_defects_need_annotated_defects_in_the_split(tiny_mvtec: Path, data_factory) -> None:
+    with pytest.raises(VMADError, match="no anomalous image with a mask in the 'train' split"):
         defect_samples([tiny_mvtec])  # MVTec's train split holds normal images only
+    assert {s.split for s in defect_samples([tiny_mvtec], split="test")} == {"test"}  # asked for by name
+    widget = tiny_mvtec / "widget"  # a test split alone (like bottle here): refused, not used unasked
+    only_test = tiny_mvtec.parent / "only_test" / "widget"
+    (only_test / "test").parent.mkdir(parents=True)
+    (widget / "test").rename(only_test / "test")
+    (widget / "ground_truth").rename(only_test / "ground_truth")
+    with pytest.raises(VMADError, match="no 'train' split"):
+        defect_samples([only_test.parent])

@@ -137,8 +137,11 @@ def _register_add_refiner(actions: argparse._SubParsersAction) -> None:
                      help="a model with a normality prior: the share of samples whose logits are computed "
                      "without one (the rest with its self prior; default %(default)s)")
     add.add_argument("--defects", action="append", default=[], metavar="DATA",
-                     help="an annotated data set (any format `vmad eval` reads; its train split when it has "
-                     "one) to draw real defects from (repeatable)")
+                     help="an annotated data set (any format `vmad eval` reads) whose --defects-split images "
+                     "real defects are drawn from (repeatable)")
+    add.add_argument("--defects-split", default="train", metavar="SPLIT",
+                     help="the split of each --defects set to use (default %(default)s; a set without it is "
+                     "refused)")
     add.add_argument("--real-samples", type=int, default=None, metavar="N",
                      help="samples drawn from --defects, rounded up to whole groups of "
                      f"{d.real_group} images of one class (default 120 with --defects)")
@@ -324,7 +327,7 @@ def _add_refiner(args: argparse.Namespace) -> int:
                              without_prior=args.without_prior, real_samples=real_samples).validate()
     out = _writable_folder(args.out, "write the model")
     files = normal_images(args.data)
-    real = defect_samples(args.defects) if cfg.real_samples else None
+    real = defect_samples(args.defects, args.defects_split) if cfg.real_samples else None
     source = resolve_model_path(args.model)
     config = VMADConfig.from_dict(read_meta(source)["config"])
     config.mask_decoder.refiner = True

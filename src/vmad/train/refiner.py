@@ -93,17 +93,23 @@ def normal_images(root: str | Path) -> list[Path]:
     return files
 
 
-def defect_samples(roots: list[str | Path]) -> list[Sample]:
-    """The samples real defects are drawn from: each data set's train split (every sample of a set without
-    splits); VMADError when none of them holds an anomalous image with a mask."""
+def defect_samples(roots: list[str | Path], split: str = "train") -> list[Sample]:
+    """The samples real defects are drawn from: each data set's ``split``. VMADError for a set without that
+    split (so a test split is never used unasked) and when none holds an anomalous image with a mask."""
     from vmad.data.dataset import load_dataset
 
     pool: list[Sample] = []
     for root in roots:
         ds = load_dataset(root)
-        pool += ds.select(split="train" if "train" in ds.splits() else None)
+        if split not in ds.splits():
+            have = ", ".join(ds.splits())
+            raise VMADError(f"refiner training: {root}: no {split!r} split (it has: {have}); real defects "
+                            "come from the train split so that test images stay unseen (--defects-split "
+                            "names another)")
+        pool += ds.select(split=split)
     if not any(s.label == 1 and s.mask_path is not None for s in pool):
-        raise VMADError(f"refiner training: no anomalous image with a mask in {', '.join(map(str, roots))}")
+        raise VMADError(f"refiner training: no anomalous image with a mask in the {split!r} split of "
+                        f"{', '.join(map(str, roots))}")
     return pool
 
 
