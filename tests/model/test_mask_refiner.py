@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,9 @@ def test_samples_paint_defects_and_shards_rebuild_the_same(tmp_path: Path) -> No
     assert images.shape == (cfg.batch_size, 3, 16, 16)
     assert masks.shape == logits.shape == (cfg.batch_size, 16, 16)
     assert torch.equal(crop_batch(samples, cfg, step=3)[2], masks)
+    for other in ({"shrink_only": True}, {"defects": ("/elsewhere",)}, {"seed": 1}):  # never mixed in
+        with pytest.raises(VMADError, match="other settings"):
+            load_samples(tmp_path / "work", files, _fake_coarse, replace(cfg, **other), log=lambda _: None)
 
 
 def test_no_images_named() -> None:

@@ -324,14 +324,16 @@ def _add_refiner(args: argparse.Namespace) -> int:
         raise VMADError("--real-samples needs --defects DATA")
     real_samples = args.real_samples if args.real_samples is not None else 120 if args.defects else 0
     cfg = RefinerTrainConfig(samples=args.samples, steps=args.steps, seed=args.seed,
-                             without_prior=args.without_prior, real_samples=real_samples).validate()
+                             without_prior=args.without_prior, real_samples=real_samples,
+                             defects=tuple(str(Path(d).resolve()) for d in args.defects),
+                             defects_split=args.defects_split, shrink_only=args.shrink_only).validate()
     out = _writable_folder(args.out, "write the model")
     files = normal_images(args.data)
-    real = defect_samples(args.defects, args.defects_split) if cfg.real_samples else None
+    real = defect_samples(list(cfg.defects), cfg.defects_split) if cfg.real_samples else None
     source = resolve_model_path(args.model)
     config = VMADConfig.from_dict(read_meta(source)["config"])
     config.mask_decoder.refiner = True
-    config.mask_decoder.refiner_shrink = bool(args.shrink_only)
+    config.mask_decoder.refiner_shrink = cfg.shrink_only
     config.validate()
     model = build_vmad(config)
     fresh = ("mask_refiner.",)

@@ -13,7 +13,8 @@ Training: random crops (most centred on a defect pixel), BCE + Dice on the refin
 
 Nothing done is lost: samples are written in shards of ``shard_size`` (each shard's images and defects come
 from its own seed, so a rebuilt shard is the same), the refiner and optimizer every ``save_every`` steps, all
-atomically into the work folder; a run started again with the same settings resumes from there.
+atomically into the work folder; a run started again with the same settings resumes from there, one with
+other settings (``settings.json`` there) is refused.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class RefinerTrainConfig:
     seed: int = 0
     real_samples: int = 0
     real_group: int = 12
+    defects: tuple[str, ...] = ()
+    defects_split: str = "train"
+    shrink_only: bool = False
 
     def validate(self) -> RefinerTrainConfig:
         if min(self.samples, self.shard_size, self.steps, self.batch_size, self.save_every) < 1:
@@ -181,7 +185,7 @@ def load_samples(work: Path, files: list[Path], coarse: CoarseFn, cfg: RefinerTr
     missing shards first: synthetic ``work/samples-KKK.safetensors``, real ``work/real-KKK.safetensors``
     (``cfg.real_samples`` > 0: drawn from ``real`` and given logits by ``coarse_folder``)."""
     samples: list[tuple[Tensor, Tensor, Tensor]] = []
-    work.mkdir(parents=True, exist_ok=True)
+    claim_work(work, cfg)
     n_real = math.ceil(cfg.real_samples / cfg.real_group)
     if n_real and (not real or coarse_folder is None):
         raise VMADError("refiner training: real_samples > 0 needs data sets with defects")
@@ -201,6 +205,27 @@ def load_samples(work: Path, files: list[Path], coarse: CoarseFn, cfg: RefinerTr
             image = shard[f"image.{i}"].permute(2, 0, 1).float() / 255.0
             samples.append((image, shard[f"logits.{i}"][None].float(), shard[f"mask.{i}"][None].float()))
     return samples
+
+
+def claim_work(work: Path, cfg: RefinerTrainConfig) -> None:
+    """Record ``cfg`` in ``work/settings.json`` (first run) or check that it is the one recorded there: shards
+    and checkpoints of other settings are never mixed in. Settings added since a folder was written count at
+    their defaults."""
+    from vmad.atomic import write_json_atomic
+
+    work.mkdir(parents=True, exist_ok=True)
+    path, settings = work / "settings.json", _settings(cfg)
+    if path.is_file():
+        if _settings(json.loads(path.read_text(encoding="utf-8"))) != settings:
+            raise VMADError(f"{work}: holds a refiner training with other settings; use another --out")
+    else:
+        write_json_atomic(path, settings)
+
+
+def _settings(cfg: RefinerTrainConfig | dict) -> dict:
+    """``cfg`` as JSON-like data, missing fields at their defaults (tuples as lists)."""
+    given = asdict(cfg) if isinstance(cfg, RefinerTrainConfig) else cfg
+    return json.loads(json.dumps({**asdict(RefinerTrainConfig()), **given}))
 
 
 def crop_batch(samples: list[tuple[Tensor, Tensor, Tensor]], cfg: RefinerTrainConfig, step: int
@@ -252,7 +277,7 @@ def train_refiner(refiner: MaskRefiner, samples: list[tuple[Tensor, Tensor, Tens
         with safe_open(str(ckpt), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["vmad_refiner"])
         tensors = load_tensors(ckpt)
-        if meta.get("config") != asdict(cfg):
+        if _settings(meta.get("config", {})) != _settings(cfg):
             raise VMADError(f"{work}: holds a refiner training with other settings; use another --out")
         refiner.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         opt.load_state_dict(optimizer_state_from(
