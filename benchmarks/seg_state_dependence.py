@@ -26,7 +26,7 @@ from vmad.data import load_dataset
 from vmad.eval import evaluate
 from vmad.eval.scorer import ScoreOutput
 from vmad.eval.tables import pct
-from vmad.infer.detector import DetectorConfig, VMADScorer
+from vmad.infer.detector import Detector, DetectorConfig, VMADScorer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_SETS = ("mvtec_ad/bottle", "mpdd_metal_plate:0", "magnetic_tile:140", "neu_seg:150")
@@ -40,9 +40,11 @@ def read_scores(csv_file: Path) -> dict[str, float]:
         return {row["image"]: float(row["score"]) for row in csv.DictReader(f)}
 
 
-def capture_state(scorer: VMADScorer, image: np.ndarray, class_name: str) -> torch.Tensor:
-    """H̄_seg ``[1, D]`` the scorer's model gives ``image`` asked the class question."""
-    model = scorer.detector.model  # type: ignore[union-attr]
+def capture_state(
+    detector: Detector, image: np.ndarray, class_name: str | None = None, question: str | None = None
+) -> torch.Tensor:
+    """H̄_seg ``[1, D]`` the detector's model gives ``image`` asked ``question`` (None: the class question)."""
+    model = detector.model
     captured: list[torch.Tensor] = []
     original = type(model).mask_logits
 
@@ -52,7 +54,7 @@ def capture_state(scorer: VMADScorer, image: np.ndarray, class_name: str) -> tor
 
     model.mask_logits = capture
     try:
-        scorer.detector.detect([image], class_name=class_name)  # type: ignore[union-attr]
+        detector.detect([image], question=question, class_name=class_name)
     finally:
         del model.mask_logits
     return captured[0]
@@ -70,7 +72,7 @@ class FixedSegStateScorer(VMADScorer):
     def _reference_state(self, class_name: str) -> torch.Tensor:
         if class_name not in self._states:
             grey = np.full((384, 384, 3), 128, dtype=np.uint8)
-            self._states[class_name] = capture_state(self, grey, class_name)
+            self._states[class_name] = capture_state(self.detector, grey, class_name)
         return self._states[class_name]
 
     def score(self, images: Sequence[np.ndarray], class_name: str) -> ScoreOutput:
@@ -102,7 +104,7 @@ class OtherImageSegStateScorer(VMADScorer):
         self.prepare()
         model = self.detector.model  # type: ignore[union-attr]
         if class_name not in self._previous:
-            self._previous[class_name] = capture_state(self, images[-1], class_name)
+            self._previous[class_name] = capture_state(self.detector, images[-1], class_name)
         original = type(model).mask_logits
 
         def shifted(encoded, h_seg, size):  # noqa: ANN001, ANN202

@@ -21,6 +21,9 @@ from vmad.data.prompts import (
     Conversation,
     TaskRatios,
     build_conversation,
+    choose_task,
+    conversation_for,
+    kind_conversation,
     seg_answer_conversation,
     seg_conversation,
     vqa_conversation,
@@ -160,3 +163,19 @@ def test_conversations_from_a_built_dataset(tiny_mvtec: Path, tmp_path: Path) ->
         kind = sample.defect_type.removeprefix("synthetic_").replace("_", " ")
         if sample.is_anomalous:
             assert kind in vqa_conversation(sample, rng, index=0).answer
+
+
+def test_kind_question_names_the_kind_and_is_never_drawn_by_default() -> None:
+    c = kind_conversation("metal_plate", "missing_piece")
+    assert c.question == (
+        "<image> Is there a missing piece on the metal plate? If so, please output its segmentation result."
+    )
+    assert c.answer == "It is <seg>." and c.has_seg and c.task == "seg_kind"
+    rng = np.random.default_rng(0)
+    assert "seg_kind" not in {choose_task(rng, TaskRatios()) for _ in range(500)}
+    rng = np.random.default_rng(0)
+    draws = Counter(choose_task(rng, TaskRatios(seg=1.0, seg_answer=0.0, vqa=0.0, seg_kind=3.0))
+                    for _ in range(2000))
+    assert abs(draws["seg_kind"] / 2000 - 0.75) < 0.04 and set(draws) == {"seg", "seg_kind"}
+    with pytest.raises(ConfigError, match="seg_kind"):
+        conversation_for("seg_kind", _normal(), rng)

@@ -75,3 +75,14 @@ def test_packaged_configs_by_name_from_any_directory(tmp_path: Path, monkeypatch
     assert cfg.data.options.folder.default_split is None  # training reads a plain folder as "train"
     with pytest.raises(ConfigError, match="SECTION.FIELD=VALUE"):
         data_overrides(None, ["bad"])
+
+
+def test_referring_task_ratio_loads_and_is_checked() -> None:
+    cfg = load_train_config("vmad_small_kind")
+    assert cfg.data.tasks.seg_kind == 2.0 and cfg.data.tasks.seg_answer == 0.0
+    assert load_train_config(TINY).data.tasks.seg_kind == 0.0  # off unless a config asks for it
+    with pytest.raises(ConfigError, match="data.tasks ratios"):
+        load_train_config(TINY, ["data.tasks.seg_kind=-1"])
+    only_kind = load_train_config(TINY, ["data.tasks.seg=0", "data.tasks.seg_answer=0", "data.tasks.vqa=0",
+                                         "data.tasks.seg_kind=1"])
+    assert only_kind.data.tasks.seg_kind == 1.0

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from vmad.data.dataset import data_options
 from vmad.data.prompts import TaskRatios
@@ -57,3 +59,57 @@ def test_samples_without_answers_train_the_segmentation_task_only(plain_folder: 
     assert item.has_seg and item.answer == "It is <seg>." and item.mask.sum() > 0
     quiet = InstructionDataset(samples[2:], 32, TaskRatios(), announce=True)
     assert not quiet.seg_only and quiet.fallback_message() == ""
+
+
+def test_referring_examples_mask_only_the_asked_kind(plain_folder: Path) -> None:
+    """seg_kind (OURS): a normal image gets one or two synthetic kinds painted and the question names one;
+    the mask is that kind's pixels (changed pixels of the image), empty for a kind the image lacks; the same
+    key gives the same example; anomalous samples without a synthetic kind fall back to the plain question."""
+    samples = load_training_samples(_data(plain_folder, "{stem}_mask.png"))
+    ds = InstructionDataset(samples, 48, TaskRatios(seg=0.0, seg_answer=0.0, vqa=0.0, seg_kind=1.0),
+                            seed=1, announce=False)
+    normal = next(i for i, s in enumerate(samples) if not s.is_anomalous)
+    original = ds.load_image(samples[normal])
+    seen_empty = seen_kind = False
+    for epoch in range(12):
+        item = ds[(epoch, normal)]
+        assert item.task == "seg_kind" and item.has_seg and item.answer == "It is <seg>."
+        assert item.question.startswith("Is there a ") and "segmentation result" in item.question
+        changed = (item.image - original).abs().amax(dim=0) > 0
+        assert changed.any()  # a kind was painted
+        assert not (item.mask.bool() & ~changed).any()  # the mask lies on painted pixels only
+        if item.mask.any():
+            seen_kind = True
+            assert not item.is_normal
+        else:
+            seen_empty = True
+            assert item.is_normal
+        again = ds[(epoch, normal)]
+        assert torch.equal(again.image, item.image) and torch.equal(again.mask, item.mask)
+    assert seen_kind and seen_empty
+    anomalous = next(i for i, s in enumerate(samples) if s.is_anomalous)
+    assert ds[(0, anomalous)].task == "seg"  # its defect's kind is unknown
+
+
+def test_kind_example_pair_masks_are_disjoint_and_follow_the_asked_kind() -> None:
+    from vmad.data.synth import SYNTHETIC_KINDS
+    from vmad.train.dataset import kind_example
+
+    base = np.random.default_rng(0).integers(90, 160, (64, 64, 3), dtype=np.uint8)
+    asked_present = 0
+    for seed in range(20):
+        empty = np.zeros((64, 64), bool)
+        image, mask, kind = kind_example(base.copy(), empty, None, np.random.default_rng(seed))
+        assert kind in SYNTHETIC_KINDS and image.shape == base.shape and mask.dtype == bool
+        changed = (image != base).any(axis=2)
+        assert not (mask & ~changed).any()
+        asked_present += bool(mask.any())
+    assert 8 <= asked_present < 20  # most questions name a painted kind, some an absent one
+    held = np.zeros((64, 64), bool)
+    held[10:20, 10:20] = True
+    kinds = set()
+    for seed in range(30):
+        _, mask, kind = kind_example(base.copy(), held, "spot", np.random.default_rng(seed))
+        kinds.add(kind)
+        assert (mask == held).all() if kind == "spot" else not mask.any()
+    assert "spot" in kinds and len(kinds) > 1

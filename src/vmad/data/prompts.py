@@ -11,6 +11,10 @@
 3. VQA: the paper generates question-answer pairs from the defect descriptions with GPT-4; OURS instead
    templates them (``VQA_QUESTIONS``: defect type, location, normal or not, count, size, description) with
    answers derived from the record and its mask (location in a 3x3 grid, size, count: :mod:`vmad.data.text`).
+4. OURS, off by default (ratio 0): referring segmentation by defect kind, ``KIND_QUESTION`` ("Is there a
+   scratch on the OBJECT? If so, please output its segmentation result." -> "It is <seg>."), whose mask is
+   that kind's pixels only (empty when the image has none). The training set paints the kinds on normal
+   images (:mod:`vmad.train.dataset`); the kind reaches the mask only through the ``<seg>`` state.
 
 Tokens are written as the strings ``IMAGE_TOKEN`` and ``SEG_TOKEN``; the model maps them to special tokens.
 
@@ -47,7 +51,7 @@ from vmad.errors import ConfigError, DataError
 IMAGE_TOKEN = "<image>"
 SEG_TOKEN = "<seg>"
 
-TASKS: tuple[str, ...] = ("seg", "seg_answer", "vqa")
+TASKS: tuple[str, ...] = ("seg", "seg_answer", "vqa", "seg_kind")
 # Answer key of a RIAD record -> the QUERY TYPE wording of the paper's template.
 QUERY_TYPES: dict[str, str] = {
     "description": "description",
@@ -64,6 +68,7 @@ SEG_ANSWER_QUESTION = (
     "result and provide the {query_type}."
 )
 SEG_ANSWER = "It is {seg}."
+KIND_QUESTION = "Is there a {kind} on the {object}? If so, please output its segmentation result."
 
 
 @dataclass(frozen=True)
@@ -83,22 +88,24 @@ class Conversation:
 
 @dataclass(frozen=True)
 class TaskRatios:
-    """Relative frequencies of the three task types (OURS; normalised by their sum, which must be > 0)."""
+    """Relative frequencies of the task types (OURS; normalised by their sum, which must be > 0);
+    ``seg_kind`` (referring segmentation by kind, OURS) is 0 unless asked for."""
 
     seg: float = 1.0
     seg_answer: float = 1.0
     vqa: float = 1.0
+    seg_kind: float = 0.0
 
     def __post_init__(self) -> None:
-        values = (self.seg, self.seg_answer, self.vqa)
+        values = (self.seg, self.seg_answer, self.vqa, self.seg_kind)
         if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
             raise ConfigError(f"task ratios must be finite and >= 0, got {values}")
         if sum(values) <= 0:
             raise ConfigError("task ratios must sum to more than 0")
 
     def probabilities(self) -> dict[str, float]:
-        total = self.seg + self.seg_answer + self.vqa
-        return {"seg": self.seg / total, "seg_answer": self.seg_answer / total, "vqa": self.vqa / total}
+        total = self.seg + self.seg_answer + self.vqa + self.seg_kind
+        return {task: getattr(self, task) / total for task in TASKS}
 
 
 Rng = np.random.Generator | random.Random
@@ -146,6 +153,12 @@ def seg_answer_conversation(sample: Sample, query: str) -> Conversation:
     )
     answer = f"{SEG_ANSWER.format(seg=SEG_TOKEN)} {sample_answers(sample)[query]}"
     return Conversation(question, answer, True, "seg_answer")
+
+
+def kind_conversation(class_name: str, kind: str) -> Conversation:
+    """Task 4 (OURS): referring segmentation of defect ``kind`` (e.g. ``missing_piece``: "missing piece")."""
+    question = _user(KIND_QUESTION.format(kind=defect_name(kind), object=object_name(class_name)))
+    return Conversation(question, SEG_ANSWER.format(seg=SEG_TOKEN), True, "seg_kind")
 
 
 # ------------------------------------------------------------------------------------------------ VQA
@@ -254,15 +267,22 @@ def choose_task(rng: Rng, ratios: TaskRatios) -> str:
     return next(t for t in reversed(TASKS) if probabilities[t] > 0)
 
 
+def conversation_for(task: str, sample: Sample, rng: Rng, mask: np.ndarray | None = None) -> Conversation:
+    """One training example of ``task`` (one of the paper's three; ``seg_kind`` examples need a painted
+    image and are built by :class:`vmad.train.dataset.InstructionDataset`)."""
+    if task == "seg":
+        return seg_conversation(sample)
+    if task == "seg_answer":
+        return seg_answer_conversation(sample, tuple(QUERY_TYPES)[_index(rng, len(QUERY_TYPES))])
+    if task == "vqa":
+        return vqa_conversation(sample, rng, mask)
+    raise ConfigError(f"task {task!r}: build_conversation makes only {', '.join(TASKS[:3])}")
+
+
 def build_conversation(
     sample: Sample, rng: Rng, ratios: TaskRatios = TaskRatios(), mask: np.ndarray | None = None
 ) -> Conversation:
     """One training example of a task drawn by ``ratios`` (Sec. V-A.2): segmentation only,
     segmentation + one of the three answers (query type drawn uniformly), or VQA (question drawn
     uniformly). ``rng`` is a NumPy Generator or ``random.Random``; the same seed gives the same example."""
-    task = choose_task(rng, ratios)
-    if task == "seg":
-        return seg_conversation(sample)
-    if task == "seg_answer":
-        return seg_answer_conversation(sample, tuple(QUERY_TYPES)[_index(rng, len(QUERY_TYPES))])
-    return vqa_conversation(sample, rng, mask)
+    return conversation_for(choose_task(rng, ratios), sample, rng, mask)

@@ -41,11 +41,13 @@ FREEZABLE = (
 
 @dataclass
 class TaskRatioConfig:
-    """Relative frequencies of the paper's three task types (Sec. V-A.2; OURS: the paper gives none)."""
+    """Relative frequencies of the paper's three task types (Sec. V-A.2; OURS: the paper gives none) and of
+    OURS referring segmentation by defect kind (``seg_kind``, :func:`vmad.data.prompts.kind_conversation`)."""
 
     seg: float = 1.0
     seg_answer: float = 1.0
     vqa: float = 1.0
+    seg_kind: float = 0.0
 
 
 @dataclass
@@ -190,7 +192,7 @@ class TrainConfig:
             raise ConfigError(f"train.freeze: unknown part(s) {unknown}; choose from {list(FREEZABLE)}")
         if d.image_size is not None and d.image_size < 16:
             raise ConfigError(f"data.image_size must be >= 16, got {d.image_size}")
-        ratios = (d.tasks.seg, d.tasks.seg_answer, d.tasks.vqa)
+        ratios = (d.tasks.seg, d.tasks.seg_answer, d.tasks.vqa, d.tasks.seg_kind)
         if min(ratios) < 0 or sum(ratios) <= 0:
             raise ConfigError(f"data.tasks ratios must be >= 0 with a positive sum, got {ratios}")
         if not str(self.output_dir):

@@ -25,9 +25,18 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vmad.data.io import read_image, read_mask
-from vmad.data.prompts import IMAGE_TOKEN, SEG_TOKEN, TaskRatios, build_conversation
+from vmad.data.prompts import (
+    IMAGE_TOKEN,
+    SEG_TOKEN,
+    Conversation,
+    TaskRatios,
+    choose_task,
+    conversation_for,
+    kind_conversation,
+)
 from vmad.data.records import Sample
-from vmad.data.text import normal_description
+from vmad.data.synth import SYNTHETIC_KINDS, synthesize
+from vmad.data.text import SYNTHETIC_PREFIX, normal_description
 from vmad.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -35,6 +44,40 @@ if TYPE_CHECKING:
 
 #: The task mix of an anomalous sample without text answers: segmentation only.
 SEG_ONLY = TaskRatios(seg=1.0, seg_answer=0.0, vqa=0.0)
+#: Referring examples (OURS, task ``seg_kind``): share of painted normal images with two kinds (else one) and
+#: share of questions about a kind the image holds (else about one it does not: an empty mask).
+KIND_PAIR_SHARE = 0.8
+KIND_PRESENT_SHARE = 0.75
+
+
+def synthetic_kind(sample: Sample) -> str | None:
+    """The kind of a RIAD image with one synthetic defect (``synthetic_spot`` -> ``spot``), else None."""
+    kind = sample.defect_type.removeprefix(SYNTHETIC_PREFIX)
+    return kind if sample.is_anomalous and kind != sample.defect_type and kind in SYNTHETIC_KINDS else None
+
+
+def kind_example(
+    image: np.ndarray, mask: np.ndarray, held: str | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """A referring example (OURS): ``(image, mask of the asked kind, asked kind)``. A normal image (``held``
+    None) gets two distinct synthetic kinds painted (one with probability 1 - ``KIND_PAIR_SHARE``); an image
+    whose one defect is of kind ``held`` is kept. The asked kind is one the image holds with probability
+    ``KIND_PRESENT_SHARE`` (mask: its pixels, less those a later kind painted over), else another (empty)."""
+    if held is None:
+        n = 2 if rng.random() < KIND_PAIR_SHARE else 1
+        kinds = [SYNTHETIC_KINDS[i] for i in rng.permutation(len(SYNTHETIC_KINDS))[:n]]
+        masks: list[np.ndarray] = []
+        for kind in kinds:
+            painted = synthesize(image, rng, kind)
+            image, new = painted.image, np.asarray(painted.mask, dtype=bool)
+            masks = [m & ~new for m in masks] + [new]
+    else:
+        kinds, masks = [held], [mask.astype(bool)]
+    if rng.random() < KIND_PRESENT_SHARE:
+        i = int(rng.integers(len(kinds)))
+        return image, masks[i], kinds[i]
+    absent = [k for k in SYNTHETIC_KINDS if k not in kinds]
+    return image, np.zeros(image.shape[:2], dtype=bool), absent[int(rng.integers(len(absent)))]
 
 
 def load_training_samples(data: DataConfig) -> list[Sample]:
@@ -133,10 +176,14 @@ class InstructionDataset(Dataset):
             sizes[s.class_name] = sizes.get(s.class_name, 0) + 1
         return sizes
 
-    def load_image(self, sample: Sample) -> Tensor:
+    def load_pixels(self, sample: Sample) -> np.ndarray:
+        """The sample's image at ``image_size`` (square, bilinear), (S, S, 3) uint8."""
         size = (self.image_size, self.image_size)
-        im = Image.fromarray(read_image(sample.image_path)).resize(size, Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        image = Image.fromarray(read_image(sample.image_path))
+        return np.asarray(image.resize(size, Image.Resampling.BILINEAR))
+
+    def load_image(self, sample: Sample) -> Tensor:
+        return _to_tensor(self.load_pixels(sample))
 
     def load_prior(self, sample: Sample, rng: np.random.Generator) -> Tensor | None:
         """The sample's prior stretched to ``image_size`` as the image is, or all NaN when it has none or
@@ -155,18 +202,44 @@ class InstructionDataset(Dataset):
         sample = self.samples[index]
         full_mask = read_mask(sample)
         rng = np.random.default_rng([self.seed, epoch + 1, index])  # epoch -1: DSSL prefill
-        ratios = SEG_ONLY if index in self.seg_only else self.ratios
-        conv = build_conversation(sample, rng, ratios, mask=full_mask)
+        ratios = self.ratios
+        if index in self.seg_only:
+            ratios = TaskRatios(SEG_ONLY.seg, 0.0, 0.0, self.ratios.seg_kind)
+        task = choose_task(rng, ratios)
+        held = synthetic_kind(sample)
+        if task == "seg_kind" and (held is not None or not sample.is_anomalous):
+            return self._kind_item(sample, full_mask, held, rng)
+        conv = conversation_for("seg" if task == "seg_kind" else task, sample, rng, mask=full_mask)
         small = full_mask
         if full_mask.shape != (self.image_size, self.image_size):
             small = read_mask(sample, (self.image_size, self.image_size))
+        return self._item(sample, self.load_image(sample), small, conv, self.load_prior(
+            sample, np.random.default_rng([self.seed, epoch + 1, index, 1])))
+
+    def _kind_item(
+        self, sample: Sample, full_mask: np.ndarray, held: str | None, rng: np.random.Generator
+    ) -> TrainItem:
+        """Referring segmentation (OURS, module ``kind_example``); no prior (the painted image has none)."""
+        size = (self.image_size, self.image_size)
+        mask = full_mask if full_mask.shape == size else read_mask(sample, size)
+        image, target, kind = kind_example(self.load_pixels(sample), mask > 0, held, rng)
+        prior = None if self.priors is None else torch.full((1, *size), float("nan"))
+        item = self._item(sample, _to_tensor(image), torch.from_numpy(target.astype(np.float32)),
+                          kind_conversation(sample.class_name, kind), prior)
+        item.is_normal = not target.any()
+        return item
+
+    def _item(self, sample: Sample, image: Tensor, mask: np.ndarray | Tensor, conv: Conversation,
+              prior: Tensor | None) -> TrainItem:
         question = conv.question.replace(IMAGE_TOKEN, "").strip()
         answer = (
             conv.answer.replace(SEG_TOKEN, self.seg_token) if self.seg_token != SEG_TOKEN else conv.answer
         )
+        if isinstance(mask, np.ndarray):
+            mask = torch.from_numpy(mask.astype(np.float32))
         return TrainItem(
-            image=self.load_image(sample),
-            mask=torch.from_numpy(small.astype(np.float32)),
+            image=image,
+            mask=mask,
             question=question,
             answer=answer,
             has_seg=conv.has_seg,
@@ -174,8 +247,13 @@ class InstructionDataset(Dataset):
             class_name=sample.class_name,
             is_normal=not sample.is_anomalous,
             normal_description=sample.normal_description or fallback_description(sample.class_name),
-            prior=self.load_prior(sample, np.random.default_rng([self.seed, epoch + 1, index, 1])),
+            prior=prior,
         )
+
+
+def _to_tensor(pixels: np.ndarray) -> Tensor:
+    """(H, W, 3) uint8 -> [3, H, W] float in [0, 1]."""
+    return torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
 def collate(items: Sequence[TrainItem]) -> dict[str, Any]:

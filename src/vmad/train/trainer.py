@@ -169,7 +169,7 @@ class Trainer:
         self.dataset = InstructionDataset(
             samples,
             cfg.image_size,
-            TaskRatios(tasks.seg, tasks.seg_answer, tasks.vqa),
+            TaskRatios(tasks.seg, tasks.seg_answer, tasks.vqa, tasks.seg_kind),
             t.seed,
             self.model.config.llm.seg_token,
             priors,
