@@ -226,7 +226,7 @@ class InstructionDataset(Dataset):
         prior = None if self.priors is None else torch.full((1, *size), float("nan"))
         item = self._item(sample, _to_tensor(image), torch.from_numpy(target.astype(np.float32)),
                           kind_conversation(sample.class_name, kind), prior)
-        item.is_normal = not target.any()
+        item.is_normal = False  # the image holds a defect even when the asked kind is absent (DSSL positives)
         return item
 
     def _item(self, sample: Sample, image: Tensor, mask: np.ndarray | Tensor, conv: Conversation,
