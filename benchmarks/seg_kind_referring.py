@@ -32,9 +32,8 @@ from seg_state_dependence import capture_state
 
 from vmad.data import load_dataset
 from vmad.data.io import read_image
-from vmad.data.prompts import KIND_QUESTION
-from vmad.data.synth import SYNTHETIC_KINDS, synthesize
-from vmad.data.text import defect_name, object_name
+from vmad.data.prompts import KIND_QUESTION, kind_question
+from vmad.data.synth import SYNTHETIC_KINDS, synthesize_kinds
 from vmad.eval.metrics import image_auroc, pixel_auroc
 from vmad.infer.detector import Detector, DetectorConfig
 
@@ -54,16 +53,9 @@ def painted_pairs(root: Path, n: int, seed: int) -> list[tuple[str, np.ndarray, 
         rng = np.random.default_rng([seed, i])
         image = read_image(sample.image_path)
         kinds = [SYNTHETIC_KINDS[j] for j in rng.permutation(len(SYNTHETIC_KINDS))[:2]]
-        first = synthesize(image, rng, kinds[0])
-        second = synthesize(first.image, rng, kinds[1])
-        covered = second.mask.astype(bool)
-        masks = {kinds[0]: first.mask.astype(bool) & ~covered, kinds[1]: covered}
-        out.append((sample.class_name, second.image, masks))
+        painted, masks = synthesize_kinds(image, rng, kinds)
+        out.append((sample.class_name, painted, dict(zip(kinds, masks, strict=True))))
     return out
-
-
-def kind_question(kind: str, class_name: str) -> str:
-    return KIND_QUESTION.format(kind=defect_name(kind), object=object_name(class_name))
 
 
 def ranked_map(detection) -> np.ndarray:  # noqa: ANN001
@@ -97,17 +89,17 @@ def measure(detector: Detector, pairs: list, grey: dict[str, torch.Tensor]) -> d
     targets: list[np.ndarray] = []
     others: list[np.ndarray] = []
     for class_name, image, kinds in pairs:
-        asked = {k: detector.detect([image], question=kind_question(k, class_name))[0] for k in kinds}
+        asked = {k: detector.detect([image], question=kind_question(class_name, k))[0] for k in kinds}
         paper = detector.detect([image], class_name=class_name)[0]
         for k, target in kinds.items():
             other = next(o for o in kinds if o != k)
             key = f"{class_name}:{k}"
             if key not in grey:
                 grey_image = np.full((384, 384, 3), 128, dtype=np.uint8)
-                grey[key] = capture_state(detector, grey_image, question=kind_question(k, class_name))
+                grey[key] = capture_state(detector, grey_image, question=kind_question(class_name, k))
             undo = with_state(detector, grey[key])
             try:
-                fixed = detector.detect([image], question=kind_question(k, class_name))[0]
+                fixed = detector.detect([image], question=kind_question(class_name, k))[0]
             finally:
                 undo()
             for state, det in zip(STATES, (asked[k], asked[other], fixed, paper), strict=True):

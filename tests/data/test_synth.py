@@ -197,3 +197,19 @@ def test_normal_texts() -> None:
     assert "metal plate" in desc
     answers = normal_answers("metal_plate")
     assert "No defect" in answers["description"] and "No action" in answers["suggestion"]
+
+
+def test_synthesize_kinds_paints_in_order_with_disjoint_masks() -> None:
+    from vmad.data.synth import synthesize_kinds
+
+    base = np.random.default_rng(3).integers(90, 160, (64, 64, 3), dtype=np.uint8)
+    image, masks = synthesize_kinds(base, np.random.default_rng(5), ("spot", "contamination"))
+    assert len(masks) == 2 and all(m.dtype == bool and m.shape == (64, 64) for m in masks)
+    assert not (masks[0] & masks[1]).any()  # the first kind's mask loses what the second covers
+    changed = (image != base).any(axis=2)
+    assert not ((masks[0] | masks[1]) & ~changed).any() and masks[1].any()
+    rng = np.random.default_rng(5)  # the same draws as two synthesize calls in a row
+    first = synthesize(base, rng, "spot")
+    second = synthesize(first.image, rng, "contamination")
+    assert np.array_equal(image, second.image) and np.array_equal(masks[1], second.mask.astype(bool))
+    assert np.array_equal(masks[0], first.mask.astype(bool) & ~second.mask.astype(bool))

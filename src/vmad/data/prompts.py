@@ -155,10 +155,15 @@ def seg_answer_conversation(sample: Sample, query: str) -> Conversation:
     return Conversation(question, answer, True, "seg_answer")
 
 
+def kind_question(class_name: str, kind: str) -> str:
+    """``KIND_QUESTION`` for defect ``kind`` (e.g. ``missing_piece``: "missing piece") on ``class_name``."""
+    return KIND_QUESTION.format(kind=defect_name(kind), object=object_name(class_name))
+
+
 def kind_conversation(class_name: str, kind: str) -> Conversation:
-    """Task 4 (OURS): referring segmentation of defect ``kind`` (e.g. ``missing_piece``: "missing piece")."""
-    question = _user(KIND_QUESTION.format(kind=defect_name(kind), object=object_name(class_name)))
-    return Conversation(question, SEG_ANSWER.format(seg=SEG_TOKEN), True, "seg_kind")
+    """Task 4 (OURS): referring segmentation of defect ``kind`` (:func:`kind_question`)."""
+    answer = SEG_ANSWER.format(seg=SEG_TOKEN)
+    return Conversation(_user(kind_question(class_name, kind)), answer, True, "seg_kind")
 
 
 # ------------------------------------------------------------------------------------------------ VQA
@@ -276,7 +281,7 @@ def conversation_for(task: str, sample: Sample, rng: Rng, mask: np.ndarray | Non
         return seg_answer_conversation(sample, tuple(QUERY_TYPES)[_index(rng, len(QUERY_TYPES))])
     if task == "vqa":
         return vqa_conversation(sample, rng, mask)
-    raise ConfigError(f"task {task!r}: build_conversation makes only {', '.join(TASKS[:3])}")
+    raise ConfigError(f"task {task!r}: conversation_for makes only {', '.join(TASKS[:3])}")
 
 
 def build_conversation(

@@ -13,7 +13,7 @@ Grey images (three equal channels) stay grey.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -412,3 +412,16 @@ def synthesize(
         raise ValueError(f"could not place a {kind} defect on a {image.shape[1]}x{image.shape[0]} image")
     defect = _compose(image, alpha, target, cfg)
     return SynthDefect(defect.image, defect.mask, kind)
+
+
+def synthesize_kinds(
+    image: np.ndarray, rng: np.random.Generator, kinds: Sequence[str], cfg: SynthConfig = SynthConfig()
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Paint ``kinds`` one after the other (:func:`synthesize`): the image and one bool mask per kind, each
+    less the pixels a later kind painted over (so the masks are disjoint)."""
+    masks: list[np.ndarray] = []
+    for kind in kinds:
+        painted = synthesize(image, rng, kind, cfg)
+        image, new = painted.image, np.asarray(painted.mask, dtype=bool)
+        masks = [m & ~new for m in masks] + [new]
+    return image, masks

@@ -35,7 +35,7 @@ from vmad.data.prompts import (
     kind_conversation,
 )
 from vmad.data.records import Sample
-from vmad.data.synth import SYNTHETIC_KINDS, synthesize
+from vmad.data.synth import SYNTHETIC_KINDS, synthesize_kinds
 from vmad.data.text import SYNTHETIC_PREFIX, normal_description
 from vmad.errors import ConfigError
 
@@ -66,11 +66,7 @@ def kind_example(
     if held is None:
         n = 2 if rng.random() < KIND_PAIR_SHARE else 1
         kinds = [SYNTHETIC_KINDS[i] for i in rng.permutation(len(SYNTHETIC_KINDS))[:n]]
-        masks: list[np.ndarray] = []
-        for kind in kinds:
-            painted = synthesize(image, rng, kind)
-            image, new = painted.image, np.asarray(painted.mask, dtype=bool)
-            masks = [m & ~new for m in masks] + [new]
+        image, masks = synthesize_kinds(image, rng, kinds)
     else:
         kinds, masks = [held], [mask.astype(bool)]
     if rng.random() < KIND_PRESENT_SHARE:
@@ -153,6 +149,8 @@ class InstructionDataset(Dataset):
         self.prior_dropout = prior_dropout
         self.image_size = image_size
         self.ratios = ratios
+        # segmentation only (with the referring task when asked: it needs no text answers)
+        self.seg_only_ratios = TaskRatios(SEG_ONLY.seg, 0.0, 0.0, ratios.seg_kind)
         self.seed = seed
         self.seg_token = seg_token
 
@@ -202,10 +200,7 @@ class InstructionDataset(Dataset):
         sample = self.samples[index]
         full_mask = read_mask(sample)
         rng = np.random.default_rng([self.seed, epoch + 1, index])  # epoch -1: DSSL prefill
-        ratios = self.ratios
-        if index in self.seg_only:
-            ratios = TaskRatios(SEG_ONLY.seg, 0.0, 0.0, self.ratios.seg_kind)
-        task = choose_task(rng, ratios)
+        task = choose_task(rng, self.seg_only_ratios if index in self.seg_only else self.ratios)
         held = synthetic_kind(sample)
         if task == "seg_kind" and (held is not None or not sample.is_anomalous):
             return self._kind_item(sample, full_mask, held, rng)
@@ -224,22 +219,20 @@ class InstructionDataset(Dataset):
         mask = full_mask if full_mask.shape == size else read_mask(sample, size)
         image, target, kind = kind_example(self.load_pixels(sample), mask > 0, held, rng)
         prior = None if self.priors is None else torch.full((1, *size), float("nan"))
-        item = self._item(sample, _to_tensor(image), torch.from_numpy(target.astype(np.float32)),
-                          kind_conversation(sample.class_name, kind), prior)
+        conv = kind_conversation(sample.class_name, kind)
+        item = self._item(sample, _to_tensor(image), target, conv, prior)
         item.is_normal = False  # the image holds a defect even when the asked kind is absent (DSSL positives)
         return item
 
-    def _item(self, sample: Sample, image: Tensor, mask: np.ndarray | Tensor, conv: Conversation,
+    def _item(self, sample: Sample, image: Tensor, mask: np.ndarray, conv: Conversation,
               prior: Tensor | None) -> TrainItem:
         question = conv.question.replace(IMAGE_TOKEN, "").strip()
         answer = (
             conv.answer.replace(SEG_TOKEN, self.seg_token) if self.seg_token != SEG_TOKEN else conv.answer
         )
-        if isinstance(mask, np.ndarray):
-            mask = torch.from_numpy(mask.astype(np.float32))
         return TrainItem(
             image=image,
-            mask=mask,
+            mask=torch.from_numpy(mask.astype(np.float32)),
             question=question,
             answer=answer,
             has_seg=conv.has_seg,
