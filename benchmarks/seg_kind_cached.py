@@ -10,8 +10,9 @@ weights folder `vmad detect` / `seg_kind_referring.py` load; `--mask-query seg_s
 decoder's mask read-out to the H_seg token (`model.mask_decoder.mask_query`).
 
     python benchmarks/seg_kind_cached.py cache --data RIAD --examples 1500 --cache FILE
-    python benchmarks/seg_kind_cached.py train --cache FILE --steps 2000 --lr 3e-4 --mask-query seg_state \
-        --out DIR
+    python benchmarks/seg_kind_cached.py cache --data RIAD --examples 3000 --epoch 1 --cache FILE2
+    python benchmarks/seg_kind_cached.py train --cache FILE [FILE2 ...] --steps 2000 --lr 3e-4 \
+        --mask-query seg_state --out DIR
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from vmad.train.dataset import InstructionDataset, load_training_samples
 SIZE = 384
 
 
-def cache(detector: Detector, data: str, n: int, out: Path) -> None:
-    """Store f, H̄_seg, the target and the question of ``n`` training examples in ``out``."""
+def cache(detector: Detector, data: str, n: int, out: Path, epoch: int = 0) -> None:
+    """Store f, H̄_seg, the target and the question of ``n`` training examples (drawn as in ``epoch``)."""
     model = detector.model
     samples = load_training_samples(DataConfig(root=data))
     dataset = InstructionDataset(samples, SIZE, TaskRatios(1.0, 0.0, 0.0, 2.0), seed=7, announce=False)
     keys = np.random.default_rng(7).permutation(len(samples))[:n]
+    n = len(keys)
     captured: dict[str, torch.Tensor] = {}
     original = type(model).mask_logits
 
@@ -53,7 +55,7 @@ def cache(detector: Detector, data: str, n: int, out: Path) -> None:
     rows: dict[str, list] = {"f": [], "h": [], "mask": [], "question": []}
     start = time.time()
     for j, key in enumerate(keys):
-        item = dataset[(0, int(key))]
+        item = dataset[(epoch, int(key))]
         image = (item.image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         detector.detect([image], question=item.question)
         rows["f"].append(captured["f"])
@@ -67,13 +69,21 @@ def cache(detector: Detector, data: str, n: int, out: Path) -> None:
                 "question": rows["question"]}, out)
 
 
-def train(detector: Detector, cached: Path, steps: int, lr: float, mask_query: str | None, out: Path) -> None:
-    """Fit Γ and the mask decoder on ``cached`` and save the whole model's trained parts to ``out``."""
+def load_caches(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """The tensors of several cache files, concatenated."""
+    parts = [torch.load(p) for p in paths]
+    return {key: torch.cat([part[key] for part in parts]) for key in ("f", "h", "mask")}
+
+
+def train(
+    detector: Detector, cached: list[Path], steps: int, lr: float, mask_query: str | None, out: Path
+) -> None:
+    """Fit Γ and the mask decoder on the ``cached`` examples; save the model's trained parts to ``out``."""
     model = detector.model
     if mask_query is not None:
         model.mask_decoder.mask_query = mask_query
         model.config.mask_decoder = dataclasses.replace(model.config.mask_decoder, mask_query=mask_query)
-    data = torch.load(cached)
+    data = load_caches(cached)
     n = len(data["h"])
     params = [*model.seg_head.parameters(), *model.mask_decoder.parameters()]
     for p in model.parameters():
@@ -111,7 +121,9 @@ def main() -> int:
     parser.add_argument("--model", default="small", help="the weights to start from")
     parser.add_argument("--data", help="training data (cache): a RIAD-format folder")
     parser.add_argument("--examples", type=int, default=1500)
-    parser.add_argument("--cache", type=Path, required=True, help="the cache file (written or read)")
+    parser.add_argument("--cache", type=Path, nargs="+", required=True,
+                        help="the cache file to write (cache), or the files to train on (train)")
+    parser.add_argument("--epoch", type=int, default=0, help="cache: draw the examples as in this epoch")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--mask-query", choices=("mask_token", "seg_state"), default=None)
@@ -122,7 +134,9 @@ def main() -> int:
     if args.phase == "cache":
         if not args.data:
             parser.error("cache needs --data")
-        cache(detector, args.data, args.examples, args.cache)
+        if len(args.cache) != 1:
+            parser.error("cache writes one file")
+        cache(detector, args.data, args.examples, args.cache[0], args.epoch)
     else:
         if args.out is None:
             parser.error("train needs --out")
