@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vmad.atomic import atomic_path
 from vmad.data.prompts import TaskRatios
 from vmad.infer.detector import Detector, DetectorConfig
 from vmad.model.mask_decoder import bce_loss, dice_loss
@@ -65,8 +66,9 @@ def cache(detector: Detector, data: str, n: int, out: Path, epoch: int = 0) -> N
         if j % 100 == 0:
             print(f"{j}/{n} examples, {time.time() - start:.0f} s", flush=True)
     del model.mask_logits
-    torch.save({"f": torch.cat(rows["f"]), "h": torch.cat(rows["h"]), "mask": torch.stack(rows["mask"]),
-                "question": rows["question"]}, out)
+    with atomic_path(out) as tmp:
+        torch.save({"f": torch.cat(rows["f"]), "h": torch.cat(rows["h"]), "mask": torch.stack(rows["mask"]),
+                    "question": rows["question"]}, tmp)
 
 
 def load_caches(paths: list[Path]) -> dict[str, torch.Tensor]:
@@ -140,6 +142,9 @@ def main() -> int:
     else:
         if args.out is None:
             parser.error("train needs --out")
+        missing = [str(p) for p in args.cache if not p.is_file()]
+        if missing:
+            parser.error(f"cache file not found: {', '.join(missing)}")
         train(detector, args.cache, args.steps, args.lr, args.mask_query, args.out)
     return 0
 
